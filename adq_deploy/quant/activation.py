@@ -10,6 +10,7 @@ from torch import nn
 ACT_KINDS = ("n2uq", "lsq")
 MIN_WIDTH = 1e-3
 MIN_SCALE = 1e-4
+SMALL_LEVELS = 16  # up to 4-bit activations: comparison loops beat searchsorted on CPU
 
 
 class N2UQ(nn.Module):
@@ -31,6 +32,8 @@ class N2UQ(nn.Module):
         self.widths = nn.Parameter(torch.full((levels - 1,), 2.0 / (levels - 1)))
         self.alpha1 = nn.Parameter(torch.ones(()))
         self.alpha2 = nn.Parameter(torch.ones(()))
+        # Run the backward pass through a torch.compile'd kernel (training speed; not saved).
+        self.fused = False
 
     @property
     def levels(self) -> int:
@@ -54,14 +57,10 @@ class N2UQ(nn.Module):
         """Output value of one integer level: alpha2 * 2 / (L - 1)."""
         return self.alpha2 * (2.0 / (self.levels - 1))
 
-    def _count_thresholds(self, xs: torch.Tensor) -> torch.Tensor:
-        """#{i : x' >= T_i} for scaled inputs x' (no gradient)."""
-        flat = xs.detach().reshape(-1)
-        return torch.searchsorted(self.thresholds().detach(), flat, right=True).reshape(xs.shape)
-
     def levels_of(self, x: torch.Tensor) -> torch.Tensor:
-        """Integer level q in 0..L-1 of every input (what the deployed threshold op computes)."""
-        return self._count_thresholds(self.scale_in() * x)
+        """Integer level q in 0..L-1 (uint8) of every input, as the deployed threshold op gives."""
+        with torch.no_grad():
+            return _n2uq_levels(self.scale_in() * x, self.thresholds())
 
     def surrogate(self, xs: torch.Tensor) -> torch.Tensor:
         """q~(x'): 0 below d_0, L-1 above d_{L-1}, (x' - d_{i-1}) / a_i + (i - 1) in between."""
@@ -72,16 +71,131 @@ class N2UQ(nn.Module):
         inner = seg.clamp(0, self.levels - 2)
         ramp = (xs - d[inner]) / a[inner] + inner.to(xs.dtype)
         top = torch.full_like(xs, self.levels - 1)
-        return torch.where(seg < 0, torch.zeros_like(xs), torch.where(seg >= self.levels - 1, top, ramp))
+        return torch.where(
+            seg < 0, torch.zeros_like(xs), torch.where(seg >= self.levels - 1, top, ramp)
+        )
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The method's formulation, step * (q + q~ - q~.detach()), differentiated by autograd.
+
+        Slow (gathers on every element); forward() computes the same values and gradients in
+        closed form.
+        """
+        xs = self.scale_in() * x
+        q = _n2uq_levels(xs.detach(), self.thresholds().detach()).to(x.dtype)
+        sur = self.surrogate(xs)
+        return self.step() * (q + (sur - sur.detach()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xs = self.scale_in() * x
-        q = self._count_thresholds(xs).to(x.dtype)
-        sur = self.surrogate(xs)
-        return self.step() * (q + sur - sur.detach())
+        a = self.widths.clamp_min(MIN_WIDTH)
+        return _N2UQFunction.apply(x, self.start, a, self.scale_in(), self.alpha2, self.fused)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}"
+
+
+def _n2uq_levels(xs: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+    """q = #{i : x' >= T_i} as uint8 (comparison loop: faster than searchsorted for small L)."""
+    if thresholds.numel() + 1 > SMALL_LEVELS:
+        flat = xs.reshape(-1)
+        return torch.searchsorted(thresholds, flat, right=True).reshape(xs.shape).to(torch.uint8)
+    q = torch.zeros(xs.shape, dtype=torch.uint8, device=xs.device)
+    for t in thresholds.unbind():
+        q += xs >= t
+    return q
+
+
+def _segment_sums_loop(xs: torch.Tensor, g: torch.Tensor, d: torch.Tensor, inv: torch.Tensor):
+    """g / a_seg per element and the sums of g / a and g x' / a over x' >= d_j, j < L - 1.
+
+    One pass per mask: what torch.compile fuses into a single loop.
+    """
+    steps = torch.cat([inv[:1], inv[1:] - inv[:-1], -inv[-1:]])
+    inv_seg = torch.zeros_like(xs)
+    for j in range(d.numel()):
+        inv_seg = inv_seg + (xs >= d[j]).to(xs.dtype) * steps[j]
+    ga = g * inv_seg
+    gax = ga * xs
+    cum_g = torch.stack([torch.where(xs >= d[j], ga, 0).sum() for j in range(d.numel() - 1)])
+    cum_gx = torch.stack([torch.where(xs >= d[j], gax, 0).sum() for j in range(d.numel() - 1)])
+    return ga, cum_g, cum_gx, gax.sum()
+
+
+def _segment_sums_gemv(xs: torch.Tensor, g: torch.Tensor, d: torch.Tensor, inv: torch.Tensor):
+    """The same sums as _segment_sums_loop from a [L, N] mask matrix and GEMVs (eager-fast)."""
+    masks = xs.new_empty(d.numel(), xs.numel())
+    torch.ge(xs.reshape(1, -1), d.reshape(-1, 1), out=masks)  # straight to float: no bool copy
+    steps = torch.cat([inv[:1], inv[1:] - inv[:-1], -inv[-1:]])
+    ga = g * (steps @ masks).reshape(xs.shape)
+    gax = ga * xs
+    return ga, masks[:-1] @ ga.reshape(-1), masks[:-1] @ gax.reshape(-1), gax.sum()
+
+
+def _segment_sums_search(xs: torch.Tensor, g: torch.Tensor, d: torch.Tensor, inv: torch.Tensor):
+    """The same sums for many levels (5-8 bit activations): searchsorted and bincount."""
+    levels = d.numel()
+    seg = torch.searchsorted(d, xs.reshape(-1), right=True)
+    ga = g * torch.cat([inv.new_zeros(1), inv, inv.new_zeros(1)])[seg].reshape(xs.shape)
+    gax = ga * xs
+    seg_g = torch.bincount(seg, weights=ga.reshape(-1), minlength=levels + 1)[1:levels]
+    seg_gx = torch.bincount(seg, weights=gax.reshape(-1), minlength=levels + 1)[1:levels]
+    cum = lambda v: v.flip(0).cumsum(0).flip(0).to(xs.dtype)  # noqa: E731
+    return ga, cum(seg_g), cum(seg_gx), gax.sum()
+
+
+_COMPILED: dict[str, object] = {}
+
+
+def _compiled(name: str, fn):
+    """torch.compile(fn) once per process (dynamic shapes), for N2UQ.fused = True."""
+    if name not in _COMPILED:
+        _COMPILED[name] = torch.compile(fn, dynamic=True)
+    return _COMPILED[name]
+
+
+class _N2UQFunction(torch.autograd.Function):
+    """N2UQ forward and its G-STE backward in closed form (no per-element scatter).
+
+    On segment i (d_{i-1} <= x' < d_i), with k = alpha2 * 2 / (L - 1):
+    dy/dx = k alpha1 / a_i, dy/dalpha1 = k x / a_i, dy/ds = -k / a_i,
+    dy/da_j = -k / a_i for j < i, dy/da_i = -k (x' - d_{i-1}) / a_i^2; zero outside [d_0, d_{L-1});
+    dy/dalpha2 = 2 q / (L - 1) everywhere.
+    """
+
+    @staticmethod
+    def forward(ctx, x, start, widths, alpha1, alpha2, fused):  # type: ignore[override]
+        levels = widths.numel() + 1
+        d = torch.cat([start.reshape(1), start + torch.cumsum(widths, 0)])
+        thresholds = d[:-1] + widths / 2
+        q = _n2uq_levels(alpha1 * x, thresholds)
+        ctx.fused = fused
+        ctx.save_for_backward(x, q, d, widths, alpha1, alpha2)
+        return (alpha2 * (2.0 / (levels - 1))) * q.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[override]
+        x, q, d, widths, alpha1, alpha2 = ctx.saved_tensors
+        levels = widths.numel() + 1
+        c = 2.0 / (levels - 1)
+        k = alpha2 * c
+        inv = 1.0 / widths
+        if levels > SMALL_LEVELS:
+            sums = _segment_sums_search
+        elif ctx.fused:
+            sums = _compiled("sums", _segment_sums_loop)
+        else:
+            sums = _segment_sums_gemv
+        ga, cum_g, cum_gx, gax_sum = sums(alpha1 * x, g, d, inv)
+        # per segment i: G_i = sum g/a_i, H_i = sum g (x' - d_{i-1}) / a_i^2
+        zero = cum_g.new_zeros(1)
+        seg_g = cum_g - torch.cat([cum_g[1:], zero])
+        seg_gx = cum_gx - torch.cat([cum_gx[1:], zero])
+        h = (seg_gx - d[:-1] * seg_g) * inv
+        later = cum_g - seg_g  # sum over the segments after j
+        grad_x = (k * alpha1) * ga
+        grad_widths = -k * (later + h)
+        grad_alpha2 = c * (g * q).sum()
+        return grad_x, -k * cum_g[0], grad_widths, k * gax_sum / alpha1, grad_alpha2, None
 
 
 class _GradScale(torch.autograd.Function):
@@ -98,7 +212,7 @@ class _GradScale(torch.autograd.Function):
 
 
 class LSQ(nn.Module):
-    """Uniform unsigned quantizer with a learned step (Esser et al., ICLR 2020): the ablation baseline.
+    """Uniform unsigned quantizer, learned step (LSQ, Esser et al. 2020): the ablation baseline.
 
     y = s * clamp(round(x / s), 0, 2^n - 1); the step is initialized from the first batch seen as
     2 mean|x| / sqrt(Q_p) and learned with LSQ's gradient scale 1 / sqrt(numel * Q_p).
@@ -122,7 +236,9 @@ class LSQ(nn.Module):
 
     def levels_of(self, x: torch.Tensor) -> torch.Tensor:
         """Integer level q in 0..2^n-1 of every input."""
-        return torch.clamp(torch.round(x.detach() / self.step().detach()), 0, self.levels - 1).long()
+        return torch.clamp(
+            torch.round(x.detach() / self.step().detach()), 0, self.levels - 1
+        ).long()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         qp = self.levels - 1

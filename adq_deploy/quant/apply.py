@@ -1,4 +1,4 @@
-"""quantize_model: one verb that swaps the Conv2d / Linear layers of any nn.Module for ADQ layers."""
+"""quantize_model: one verb that swaps the Conv2d / Linear layers of any nn.Module for ADQ ones."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from .activation import make_act_quantizer
 from .codebook import CodebookQuantizer
 from .config import QuantConfig
 from .layers import QuantConv2d, QuantLayerMixin, QuantLinear
+
 
 @dataclass(frozen=True)
 class LayerPlan:
@@ -75,7 +76,9 @@ def plan_layers(model: nn.Module, config: QuantConfig) -> list[LayerPlan]:
         raise ValueError("model is already quantized")
     unknown = sorted((set(config.layer_bits) | set(config.layer_a_bits)) - set(names))
     if unknown:
-        raise ValueError(f"per-layer bits name layers the model does not have: {', '.join(unknown)}")
+        raise ValueError(
+            f"per-layer bits name layers the model does not have: {', '.join(unknown)}"
+        )
     modules = dict(model.named_modules())
     plans = []
     for i, name in enumerate(names):
@@ -100,6 +103,14 @@ def plan_layers(model: nn.Module, config: QuantConfig) -> list[LayerPlan]:
         w_bits = config.layer_bits.get(name, config.w_bits)
         a_bits = None if config.act == "none" else config.layer_a_bits.get(name, config.a_bits)
         plans.append(LayerPlan(name, kind, params, role, w_bits, a_bits))
+    not_body = sorted(
+        (set(config.layer_bits) | set(config.layer_a_bits))
+        - {p.name for p in plans if p.role == "body"}
+    )
+    if not_body:
+        raise ValueError(
+            f"per-layer bits name layers that are not low-bit body layers: {', '.join(not_body)}"
+        )
     return plans
 
 
@@ -110,10 +121,10 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def quantize_model(model: nn.Module, config: QuantConfig | None = None) -> nn.Module:
-    """Swap every Conv2d / Linear (except skipped ones) for an ADQ layer, in place; returns the model.
+    """Swap every Conv2d / Linear (but skipped ones) for an ADQ layer, in place; returns the model.
 
     Codebooks are initialized from the current weights. The config is kept on the model as
-    `adq_config`, and each layer's role as `adq_roles`, so a checkpoint and the summary can say them.
+    `adq_config`, and each layer's role as `adq_roles`, for checkpoints and the summary.
     """
     config = config or QuantConfig()
     plans = plan_layers(model, config)
@@ -155,7 +166,7 @@ def layer_table(model: nn.Module) -> list[LayerInfo]:
 
 @dataclass
 class AverageBits:
-    """Average weight bits over the low-bit (body) layers, both definitions, and what was left out."""
+    """Average weight bits of the low-bit (body) layers, both definitions, and what was left out."""
 
     param_weighted: float
     layer_mean: float
@@ -174,7 +185,7 @@ class AverageBits:
 
 
 def average_bits(model: nn.Module) -> AverageBits:
-    """Parameter-weighted and per-layer mean weight bits of the body layers (edge and float excluded)."""
+    """Parameter-weighted and per-layer mean weight bits of the low-bit body layers."""
     rows = layer_table(model)
     body = [r for r in rows if r.role == "body"]
     excluded = {
@@ -201,7 +212,8 @@ def summary(model: nn.Module) -> str:
     lines = [f"{'layer':<{width}}  {'type':<6}  {'params':>9}  {'w_bits':>6}  {'a_bits':>6}  role"]
     for r in rows:
         lines.append(
-            f"{r.name:<{width}}  {r.kind:<6}  {r.params:>9}  {bits(r.w_bits):>6}  {bits(r.a_bits):>6}  {r.role}"
+            f"{r.name:<{width}}  {r.kind:<6}  {r.params:>9}  "
+            f"{bits(r.w_bits):>6}  {bits(r.a_bits):>6}  {r.role}"
         )
     lines.append(average_bits(model).describe())
     return "\n".join(lines)

@@ -1,4 +1,4 @@
-"""ADQ weight quantizer: a learned per-layer scalar codebook with quantile init and EMA adaptation."""
+"""ADQ weight quantizer: a learned per-layer scalar codebook, quantile init, EMA adaptation."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ INITS = ("quantile", "uniform", "kmeans")
 
 
 def codebook_size(bits: int, form: str) -> int:
-    """Number of levels: 2^b for the `full` form, 2^b - 1 (zero plus equal sides) for `symmetric`."""
+    """Number of levels: 2^b for the `full` form, 2^b - 1 (zero, equal sides) for `symmetric`."""
     if form == "full":
         return 2**bits
     if form == "symmetric":
@@ -67,15 +67,22 @@ def _side_levels(magnitudes_sorted: torch.Tensor, k: int, init: str) -> torch.Te
 
 
 def init_codebook(
-    weight: torch.Tensor, bits: int, form: str = "full", init: str = "quantile", kmeans_iters: int = 20
+    weight: torch.Tensor,
+    bits: int,
+    form: str = "full",
+    init: str = "quantile",
+    kmeans_iters: int = 20,
 ) -> torch.Tensor:
-    """Initial sorted codebook for a weight tensor: per-sign quantiles (or uniform, k-means) plus zero."""
+    """Initial sorted codebook: per-sign quantiles (or uniform, k-means levels) and zero."""
     if init not in INITS:
         raise ValueError(f"unknown codebook init {init!r}; expected one of {INITS}")
     w = weight.detach().reshape(-1).to(torch.float32).cpu()
     size = codebook_size(bits, form)
     neg = (-w[w < 0]).sort().values
     pos = w[w > 0].sort().values
+    if form == "symmetric" and (neg.numel() == 0) != (pos.numel() == 0):
+        # One-signed weights: mirror the populated side rather than stack duplicate zeros.
+        neg = pos = neg if neg.numel() else pos
     k_neg, k_pos = side_counts(size - 1, neg.numel(), pos.numel(), form)
     base = "uniform" if init == "uniform" else "quantile"
     levels = torch.cat(
@@ -92,7 +99,9 @@ def assign(weight: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     return torch.bucketize(weight, mid.to(weight.dtype))
 
 
-def level_means(weight: torch.Tensor, idx: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def level_means(
+    weight: torch.Tensor, idx: torch.Tensor, size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-level (count, mean) of the weights assigned to each level."""
     flat = weight.detach().reshape(-1).to(torch.float64)
     flat_idx = idx.reshape(-1)
@@ -181,7 +190,7 @@ class CodebookQuantizer(nn.Module):
             w_ste = torch.where(inside, weight, weight.detach())
         else:
             w_ste = weight
-        out = w_ste + (wq - w_ste).detach()
+        out = wq + (w_ste - w_ste.detach())
         if self.training and self.ema and torch.is_grad_enabled():
             self.ema_update(weight, idx)
         return out

@@ -1,4 +1,4 @@
-"""QuantConfig: every choice quantize_model makes, validated, versioned and round-trippable as a dict."""
+"""QuantConfig: every choice quantize_model makes, validated, versioned, round-trippable."""
 
 from __future__ import annotations
 
@@ -48,7 +48,9 @@ class QuantConfig:
         self.layer_bits = {str(k): int(v) for k, v in self.layer_bits.items()}
         self.layer_a_bits = {str(k): int(v) for k, v in self.layer_a_bits.items()}
         if self.version != CONFIG_VERSION:
-            raise ValueError(f"unsupported QuantConfig version {self.version} (expected {CONFIG_VERSION})")
+            raise ValueError(
+                f"unsupported QuantConfig version {self.version} (expected {CONFIG_VERSION})"
+            )
         for name, b in [("w_bits", self.w_bits), *self.layer_bits.items()]:
             if not 2 <= b <= 8:
                 raise ValueError(f"weight bits must be in 2..8, got {b} for {name}")

@@ -1,4 +1,4 @@
-"""ADQ layers: Conv2d / Linear whose input goes through an activation quantizer and weight through a codebook."""
+"""ADQ layers: Conv2d / Linear with a quantized input and codebook weights."""
 
 from __future__ import annotations
 
@@ -17,7 +17,9 @@ class QuantLayerMixin:
     act_quant: nn.Module | None
     role: str
 
-    def _attach(self, weight_quant: CodebookQuantizer, act_quant: nn.Module | None, role: str) -> None:
+    def _attach(
+        self, weight_quant: CodebookQuantizer, act_quant: nn.Module | None, role: str
+    ) -> None:
         self.weight_quant = weight_quant
         self.act_quant = act_quant
         self.role = role
@@ -44,11 +46,17 @@ class QuantConv2d(QuantLayerMixin, nn.Conv2d):
 
     @classmethod
     def from_float(
-        cls, conv: nn.Conv2d, weight_quant: CodebookQuantizer, act_quant: nn.Module | None, role: str
+        cls,
+        conv: nn.Conv2d,
+        weight_quant: CodebookQuantizer,
+        act_quant: nn.Module | None,
+        role: str,
     ) -> QuantConv2d:
         """Wrap an existing conv, sharing its parameters."""
         if conv.padding_mode != "zeros":
-            raise ValueError(f"only zero padding is supported, got padding_mode={conv.padding_mode!r}")
+            raise ValueError(
+                f"only zero padding is supported, got padding_mode={conv.padding_mode!r}"
+            )
         new = cls(
             conv.in_channels,
             conv.out_channels,
@@ -83,7 +91,11 @@ class QuantLinear(QuantLayerMixin, nn.Linear):
 
     @classmethod
     def from_float(
-        cls, linear: nn.Linear, weight_quant: CodebookQuantizer, act_quant: nn.Module | None, role: str
+        cls,
+        linear: nn.Linear,
+        weight_quant: CodebookQuantizer,
+        act_quant: nn.Module | None,
+        role: str,
     ) -> QuantLinear:
         """Wrap an existing linear layer, sharing its parameters."""
         new = cls(
