@@ -14,7 +14,7 @@ import click
 from .checkpoint import CheckpointError
 from .data import DATASETS, DataError
 
-USER_ERRORS = (CheckpointError, DataError, ValueError, FileNotFoundError, PermissionError)
+USER_ERRORS = (CheckpointError, DataError, ValueError, OSError)
 
 
 def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -209,3 +209,70 @@ def eval_main(
         f"{checkpoint}: top-1 {top1:.2f}% on {result['samples']} {dataset} test images "
         "(evaluated now, not read from the metadata)"
     )
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.option(
+    "-o",
+    "--out",
+    default=None,
+    help="ONNX file to write [default: CHECKPOINT with the suffix .FORMAT.onnx].",
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["adq", "standard", "int8"]),
+    default="adq",
+    help="adq: ai.adq custom ops, bit-packed codes (needs the op library); standard: "
+    "stock ONNX (UINT2/UINT4 codes, Cast+Gather); int8: integer conv on uint8 levels.",
+)
+@click.option(
+    "--opset",
+    default=None,
+    type=click.IntRange(13),
+    help="Default-domain opset of "
+    "the standard format (25: UINT2 codes; 21-24: UINT4; 13-20: UINT8).",
+)
+@click.option(
+    "--no-simplify", is_flag=True, help="Skip onnxsim (codes are never folded either way)."
+)
+@click.option(
+    "--allow-import",
+    is_flag=True,
+    help="Trust a 'module:factory' architecture named in the checkpoint and import it.",
+)
+@user_errors
+def export_main(
+    checkpoint: str,
+    out: str | None,
+    fmt: str,
+    opset: int | None,
+    no_simplify: bool,
+    allow_import: bool,
+) -> None:
+    """Fold CHECKPOINT into lookup-table weights and integer activations and write ONNX."""
+    from exporters.export import export
+
+    result = export(
+        checkpoint,
+        out,
+        fmt=fmt,
+        opset=opset,
+        simplify_graph=not no_simplify,
+        allow_import=allow_import,
+    )
+    click.echo(result.summary())
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def cli() -> None:
+    """adq-deploy: train, evaluate and export ADQ mixed-precision models."""
+
+
+cli.add_command(train_main, "train")
+cli.add_command(eval_main, "eval")
+cli.add_command(export_main, "export")
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,93 @@
+"""Small ONNX graph-editing helpers shared by the folding pass and the writers."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+
+def consumers(graph: onnx.GraphProto, value: str) -> list[onnx.NodeProto]:
+    """Nodes that read `value`."""
+    return [n for n in graph.node if value in n.input]
+
+
+def constant_value(graph: onnx.GraphProto, name: str) -> np.ndarray | None:
+    """The array behind a value if it is an initializer (through Identity nodes), else None."""
+    inits = {i.name: i for i in graph.initializer}
+    producers = {o: n for n in graph.node for o in n.output}
+    seen = 0
+    while name not in inits:
+        node = producers.get(name)
+        if node is None or node.op_type != "Identity" or seen > len(graph.node):
+            return None
+        name = node.input[0]
+        seen += 1
+    return numpy_helper.to_array(inits[name])
+
+
+def remove_unused(graph: onnx.GraphProto) -> None:
+    """Drop nodes whose outputs nobody reads (to a fixpoint), then unread initializers."""
+    outputs = {o.name for o in graph.output}
+    while True:
+        used = {i for n in graph.node for i in n.input} | outputs
+        dead = [n for n in graph.node if not any(o in used for o in n.output)]
+        for n in dead:
+            graph.node.remove(n)
+        if not dead:
+            break
+    used = {i for n in graph.node for i in n.input} | outputs
+    for init in [i for i in graph.initializer if i.name not in used]:
+        graph.initializer.remove(init)
+
+
+def add_initializer(graph: onnx.GraphProto, name: str, array: np.ndarray) -> str:
+    """Add (or replace) an initializer; returns its name."""
+    for init in [i for i in graph.initializer if i.name == name]:
+        graph.initializer.remove(init)
+    graph.initializer.append(numpy_helper.from_array(np.asarray(array), name))
+    return name
+
+
+def topological_sort(graph: onnx.GraphProto) -> None:
+    """Reorder nodes so every input is produced before it is read (ONNX requires it)."""
+    available = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
+    pending = list(graph.node)
+    ordered = []
+    while pending:
+        progress = False
+        for n in list(pending):
+            if all(i in available for i in n.input):
+                ordered.append(n)
+                available.update(n.output)
+                pending.remove(n)
+                progress = True
+        if not progress:
+            raise ValueError(f"graph has a cycle or a missing input near node {pending[0].name!r}")
+    del graph.node[:]
+    graph.node.extend(ordered)
+
+
+def compact_names(model: onnx.ModelProto) -> None:
+    """Short names for intermediate values, no node names, doc strings or value_info.
+
+    The exporter's names (e.g. '/layer1/layer1.0/relu1/Relu_output_0') cost more bytes than a
+    small low-bit network's weights; graph inputs, outputs and initializers keep their names.
+    """
+    graph = model.graph
+    keep = {i.name for i in graph.input} | {o.name for o in graph.output}
+    keep |= {i.name for i in graph.initializer}
+    mapping: dict[str, str] = {}
+    for node in graph.node:
+        for out in node.output:
+            if out and out not in keep and out not in mapping:
+                mapping[out] = f"v{len(mapping)}"
+    for node in graph.node:
+        node.name = ""
+        node.doc_string = ""
+        for k, name in enumerate(node.input):
+            node.input[k] = mapping.get(name, name)
+        for k, name in enumerate(node.output):
+            node.output[k] = mapping.get(name, name)
+    del graph.value_info[:]
+    graph.doc_string = ""

@@ -1,0 +1,106 @@
+"""The `int8` format: codebooks snapped to an integer grid, integer convolution on uint8 levels.
+
+Per layer: codebook C ~ s_w * c with integers c in [-qmax, qmax]; the weight initializer is the
+int8 tensor c[codes]. Input levels q (uint8, from the standard-op thresholds) go through
+ConvInteger / MatMulInteger into int32, then y = (s_w * step * out_scale) * acc + out_bias.
+
+qmax avoids the AVX2 u8 x s8 pair-sum saturation (two products must fit int16):
+qmax = min(127, floor(32767 / (2 * (2^a_bits - 1)))), 64 for 8-bit activations.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from .fold import FoldedLayer, FoldedModel
+from .write_standard import level_nodes
+from .writer import affine_nodes, init, replace_placeholders, set_metadata, set_opsets
+
+OPSET = 21
+
+
+def int_range(a_bits: int | None) -> int:
+    """Largest |integer weight| that cannot saturate u8 x s8 pair sums (AVX2 without VNNI)."""
+    if a_bits is None:
+        return 127
+    return int(min(127, 32767 // (2 * (2**a_bits - 1))))
+
+
+def snap_codebook(codebook: np.ndarray, qmax: int) -> tuple[float, np.ndarray, float]:
+    """(s_w, integer levels, max |C - s_w c|): the codebook on the grid s_w * {-qmax..qmax}."""
+    top = float(np.abs(codebook).max())
+    scale = top / qmax if top > 0 else 1.0
+    ints = np.clip(np.round(codebook / scale), -qmax, qmax).astype(np.int8)
+    err = float(np.abs(codebook - scale * ints.astype(np.float64)).max())
+    return scale, ints, err
+
+
+def snapped(layer: FoldedLayer) -> tuple[float, np.ndarray, float]:
+    """snap_codebook for a layer, with the range its input bits allow."""
+    return snap_codebook(layer.codebook, int_range(layer.act.bits if layer.act else None))
+
+
+def emit_int8(graph: onnx.GraphProto, layer: FoldedLayer, x: str, y: str) -> list[onnx.NodeProto]:
+    """The integer nodes of one layer."""
+    n = layer.name
+    scale_w, ints, _ = snapped(layer)
+    w_int = ints[layer.codes]
+    nodes: list[onnx.NodeProto] = []
+    acc = f"{n}/acc"
+    if layer.act is None:
+        w = init(graph, layer, "weight_int8", w_int)
+        nodes.append(
+            helper.make_node("Cast", [w], [f"{n}/wf"], name=f"{n}/CastW", to=TensorProto.FLOAT)
+        )
+        sw = init(graph, layer, "weight_scale", np.array([scale_w], dtype=np.float32))
+        nodes.append(helper.make_node("Mul", [f"{n}/wf", sw], [f"{n}/weight"], name=f"{n}/ScaleW"))
+        if layer.kind == "conv":
+            nodes.append(helper.make_node("Conv", [x, f"{n}/weight"], [acc], **layer.conv))
+        else:
+            nodes.append(helper.make_node("Gemm", [x, f"{n}/weight"], [acc], transB=1))
+        return nodes + affine_nodes(graph, layer, acc, y, layer.out_scale)
+    act_nodes, _ = level_nodes(graph, layer, x)
+    nodes += act_nodes[:-1]  # levels as float; the level value goes into the output scale
+    q = f"{n}/q_u8"
+    nodes.append(
+        helper.make_node("Cast", [f"{n}/levels"], [q], name=f"{n}/CastQ", to=TensorProto.UINT8)
+    )
+    acc_i = f"{n}/acc_i32"
+    if layer.kind == "conv":
+        w = init(graph, layer, "weight_int8", w_int)
+        nodes.append(
+            helper.make_node("ConvInteger", [q, w], [acc_i], name=f"{n}/ConvInteger", **layer.conv)
+        )
+    else:
+        w = init(graph, layer, "weight_int8_t", np.ascontiguousarray(w_int.T))
+        nodes.append(helper.make_node("MatMulInteger", [q, w], [acc_i], name=f"{n}/MatMulInteger"))
+    nodes.append(
+        helper.make_node("Cast", [acc_i], [acc], name=f"{n}/CastAcc", to=TensorProto.FLOAT)
+    )
+    out_scale = (np.float64(scale_w) * layer.act.step * layer.out_scale).astype(np.float32)
+    return nodes + affine_nodes(graph, layer, acc, y, out_scale)
+
+
+def snapping_report(folded: FoldedModel) -> dict[str, dict[str, float]]:
+    """Per layer: weight scale, integer range and max |codebook - snapped| (absolute, relative)."""
+    report = {}
+    for name, layer in folded.layers.items():
+        scale, _, err = snapped(layer)
+        top = float(np.abs(layer.codebook).max()) or 1.0
+        report[name] = {
+            "weight_scale": scale,
+            "qmax": int_range(layer.act.bits if layer.act else None),
+            "max_abs_error": err,
+            "max_rel_error": err / top,
+        }
+    return report
+
+
+def write_int8(folded: FoldedModel) -> onnx.ModelProto:
+    """The int8-format model of a folded checkpoint."""
+    model = replace_placeholders(folded, emit_int8)
+    set_opsets(model, OPSET, adq_domain=False)
+    set_metadata(model, folded, "int8", {"snapping": snapping_report(folded)})
+    return model

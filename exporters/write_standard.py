@@ -1,0 +1,114 @@
+"""The `standard` format: stock ONNX only, runs on any onnxruntime with no extra library.
+
+Weights: codes stored as UINT2 (opset >= 25) / UINT4 (opset >= 21) / UINT8 tensors of the weight
+shape, looked up with Cast -> Gather(codebook). Activations: levels q = ReduceSum(Cast(
+GreaterOrEqual(alpha1 * x, T))) and value q * step, then the float Conv / Gemm.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from .fold import FoldedLayer, FoldedModel
+from .writer import affine_nodes, init, replace_placeholders, set_metadata, set_opsets
+
+DEFAULT_OPSET = 25
+MIN_OPSET = 13  # ReduceSum with axes as an input
+
+
+def code_type(bits: int, opset: int) -> int:
+    """The narrowest unsigned ONNX integer type for b-bit codes at this opset."""
+    if bits <= 2 and opset >= 25:
+        return TensorProto.UINT2
+    if bits <= 4 and opset >= 21:
+        return TensorProto.UINT4
+    return TensorProto.UINT8
+
+
+def codes_tensor(name: str, codes: np.ndarray, dtype: int) -> onnx.TensorProto:
+    """Codes as a tensor of a (sub-byte) unsigned type, packed in raw_data."""
+    flat = codes.reshape(-1).astype(np.int64)
+    if dtype == TensorProto.UINT8:
+        return onnx.numpy_helper.from_array(codes.astype(np.uint8), name)
+    t = helper.make_tensor(name, dtype, list(codes.shape), flat.tolist())
+    t.raw_data = np.asarray(t.int32_data, dtype=np.uint8).tobytes()  # packed bytes, not varints
+    del t.int32_data[:]
+    return t
+
+
+def level_nodes(graph: onnx.GraphProto, layer: FoldedLayer, x: str) -> tuple[list, str]:
+    """Standard-op ThresholdQuant followed by the level value: returns nodes and q * step."""
+    act = layer.act
+    assert act is not None
+    n = layer.name
+    scale = init(graph, layer, "act_scale", act.scale.reshape(1))
+    thresholds = init(graph, layer, "act_thresholds", act.thresholds)
+    step = init(graph, layer, "act_step", act.step.reshape(1))
+    last = init(graph, layer, "act_axes", np.array([-1], dtype=np.int64))
+    nodes = [
+        helper.make_node("Mul", [x, scale], [f"{n}/xs"], name=f"{n}/ActScale"),
+        helper.make_node("Unsqueeze", [f"{n}/xs", last], [f"{n}/xs1"], name=f"{n}/Unsqueeze"),
+        helper.make_node("GreaterOrEqual", [f"{n}/xs1", thresholds], [f"{n}/ge"], name=f"{n}/GE"),
+        helper.make_node(
+            "Cast", [f"{n}/ge"], [f"{n}/gef"], name=f"{n}/CastGE", to=TensorProto.FLOAT
+        ),
+        helper.make_node(
+            "ReduceSum", [f"{n}/gef", last], [f"{n}/levels"], name=f"{n}/Levels", keepdims=0
+        ),
+        helper.make_node("Mul", [f"{n}/levels", step], [f"{n}/xq"], name=f"{n}/LevelValue"),
+    ]
+    return nodes, f"{n}/xq"
+
+
+def emitter(opset: int):
+    """The emit function of the standard writer at an opset."""
+
+    def emit(graph: onnx.GraphProto, layer: FoldedLayer, x: str, y: str) -> list[onnx.NodeProto]:
+        n = layer.name
+        name = f"{n}.codes"
+        for old in [i for i in graph.initializer if i.name == name]:
+            graph.initializer.remove(old)
+        graph.initializer.append(codes_tensor(name, layer.codes, code_type(layer.bits, opset)))
+        codebook = init(graph, layer, "codebook", layer.codebook)
+        nodes = [
+            helper.make_node(
+                "Cast", [name], [f"{n}/idx"], name=f"{n}/CastCodes", to=TensorProto.INT32
+            ),
+            helper.make_node("Gather", [codebook, f"{n}/idx"], [f"{n}/weight"], name=f"{n}/Lookup"),
+        ]
+        if layer.act is not None:
+            act_nodes, x = level_nodes(graph, layer, x)
+            nodes += act_nodes
+        acc = f"{n}/acc"
+        if layer.kind == "conv":
+            nodes.append(
+                helper.make_node("Conv", [x, f"{n}/weight"], [acc], name=f"{n}/Conv", **layer.conv)
+            )
+        else:
+            nodes.append(
+                helper.make_node("Gemm", [x, f"{n}/weight"], [acc], name=f"{n}/Gemm", transB=1)
+            )
+        return nodes + affine_nodes(graph, layer, acc, y, layer.out_scale)
+
+    return emit
+
+
+def write_standard(folded: FoldedModel, opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
+    """The standard-format model of a folded checkpoint at an opset (13..onnx's newest)."""
+    if opset < MIN_OPSET:
+        raise ValueError(
+            f"--opset {opset} is too old for the standard format (needs >= {MIN_OPSET})"
+        )
+    model = replace_placeholders(folded, emitter(opset))
+    set_opsets(model, opset, adq_domain=False)
+    model.ir_version = max(model.ir_version, _ir_version(opset))
+    set_metadata(model, folded, "standard", {"opset": opset})
+    return model
+
+
+def _ir_version(opset: int) -> int:
+    """The IR version that goes with an opset (UINT4 needs IR 10, UINT2 IR 11)."""
+    table = onnx.helper.VERSION_TABLE
+    return min((row[1] for row in table if row[2] >= opset), default=table[-1][1])

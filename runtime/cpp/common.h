@@ -1,0 +1,321 @@
+// Shared helpers of the ai.adq kernels: the op template over the onnxruntime C++ custom-op
+// API, input / attribute validation that throws Ort::Exception (turned into an error status,
+// never a crash), and a ParallelFor over onnxruntime's intra-op thread pool.
+#pragma once
+
+#define ORT_API_MANUAL_INIT
+#include <onnxruntime_cxx_api.h>
+#undef ORT_API_MANUAL_INIT
+
+#include <atomic>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <iterator>
+#include <mutex>
+#include <new>
+#include <sstream>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "adq_domain.h"
+
+namespace adq {
+
+using Shape = std::vector<int64_t>;
+
+// ---- errors ---------------------------------------------------------------------------------
+
+template <class... A>
+std::string Str(const A&... parts) {
+  std::ostringstream os;
+  (os << ... << parts);
+  return os.str();
+}
+
+inline std::string ShapeStr(const Shape& s) {
+  std::ostringstream os;
+  os << '[';
+  for (size_t i = 0; i < s.size(); ++i) os << (i ? ", " : "") << s[i];
+  os << ']';
+  return os.str();
+}
+
+[[noreturn]] inline void Fail(const std::string& msg) {
+  throw Ort::Exception(std::string(msg), ORT_INVALID_ARGUMENT);
+}
+
+template <class... A>
+inline void Check(bool ok, const A&... msg) {
+  if (!ok) Fail(Str(msg...));
+}
+
+// Runs f, turning any exception into an OrtStatus (nullptr on success). Never throws.
+template <class F>
+OrtStatusPtr Guard(const char* op, F&& f) noexcept {
+  const OrtApi& api = Ort::GetApi();
+  try {
+    f();
+    return nullptr;
+  } catch (const Ort::Exception& e) {
+    return api.CreateStatus(e.GetOrtErrorCode(), Str(kDomain, ".", op, ": ", e.what()).c_str());
+  } catch (const std::bad_alloc&) {
+    return api.CreateStatus(ORT_FAIL, Str(kDomain, ".", op, ": out of memory").c_str());
+  } catch (const std::exception& e) {
+    return api.CreateStatus(ORT_FAIL, Str(kDomain, ".", op, ": ", e.what()).c_str());
+  } catch (...) {
+    return api.CreateStatus(ORT_FAIL, Str(kDomain, ".", op, ": unknown error").c_str());
+  }
+}
+
+// ---- checked arithmetic ----------------------------------------------------------------------
+
+inline int64_t CheckedMul(int64_t a, int64_t b, const char* what) {
+  int64_t r;
+  Check(a >= 0 && b >= 0 && !__builtin_mul_overflow(a, b, &r), what, " overflows");
+  return r;
+}
+
+inline int64_t NumElements(const Shape& s) {
+  int64_t n = 1;
+  for (int64_t d : s) n = CheckedMul(n, d, "element count");
+  return n;
+}
+
+// Bytes of a packed row of R codes of `bits` bits: ceil(R * bits / 8).
+inline int64_t PackedRowBytes(int64_t R, int64_t bits) {
+  return (CheckedMul(R, bits, "packed row size") + 7) / 8;
+}
+
+// ---- attributes ------------------------------------------------------------------------------
+
+// Reads an int attribute; `def` is used when it is absent (nullptr: required).
+inline int64_t IntAttr(const OrtKernelInfo* info, const char* name, const int64_t* def) {
+  const OrtApi& api = Ort::GetApi();
+  int64_t v = 0;
+  OrtStatus* st = api.KernelInfoGetAttribute_int64(info, name, &v);
+  if (!st) return v;
+  std::string msg = api.GetErrorMessage(st);
+  api.ReleaseStatus(st);
+  const bool absent = msg.find("No attribute") != std::string::npos;
+  Check(absent, "attribute '", name, "' must be an int (", msg, ")");
+  Check(def != nullptr, "missing required attribute '", name, "'");
+  return *def;
+}
+
+inline std::vector<int64_t> IntsAttr(const OrtKernelInfo* info, const char* name,
+                                     const std::vector<int64_t>* def) {
+  const OrtApi& api = Ort::GetApi();
+  size_t n = 0;
+  OrtStatus* st = api.KernelInfoGetAttributeArray_int64(info, name, nullptr, &n);
+  if (st) {
+    std::string msg = api.GetErrorMessage(st);
+    api.ReleaseStatus(st);
+    const bool absent = msg.find("No attribute") != std::string::npos;
+    Check(absent, "attribute '", name, "' must be a list of ints (", msg, ")");
+    Check(def != nullptr, "missing required attribute '", name, "'");
+    return *def;
+  }
+  std::vector<int64_t> v(n);
+  if (n) Ort::ThrowOnError(api.KernelInfoGetAttributeArray_int64(info, name, v.data(), &n));
+  return v;
+}
+
+inline int64_t BitsAttr(const OrtKernelInfo* info) {
+  int64_t bits = IntAttr(info, "bits", nullptr);
+  Check(bits >= 1 && bits <= 8, "attribute 'bits' must be in 1..8, got ", bits);
+  return bits;
+}
+
+// ---- inputs ----------------------------------------------------------------------------------
+
+struct Tensor {
+  const void* data = nullptr;
+  Shape shape;
+  int64_t size = 0;
+  template <class T>
+  const T* as() const { return static_cast<const T*>(data); }
+};
+
+inline const char* TypeName(ONNXTensorElementDataType t) {
+  switch (t) {
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT: return "float";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8: return "uint8";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8: return "int8";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32: return "int32";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64: return "int64";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_DOUBLE: return "double";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16: return "float16";
+    default: return "other";
+  }
+}
+
+inline bool HasInput(const Ort::KernelContext& ctx, size_t index) {
+  if (index >= ctx.GetInputCount()) return false;
+  return static_cast<const OrtValue*>(ctx.GetInput(index)) != nullptr;
+}
+
+// Reads input `index`, checking it is a tensor of element type `type` and, when rank >= 0,
+// of that rank.
+inline Tensor GetInput(const Ort::KernelContext& ctx, size_t index, const char* name,
+                       ONNXTensorElementDataType type, int rank) {
+  Check(HasInput(ctx, index), "input '", name, "' is missing");
+  Ort::ConstValue v = ctx.GetInput(index);
+  Check(v.IsTensor(), "input '", name, "' must be a tensor");
+  auto info = v.GetTensorTypeAndShapeInfo();
+  Check(info.GetElementType() == type, "input '", name, "' must be ", TypeName(type), ", got ",
+        TypeName(info.GetElementType()));
+  Tensor t;
+  t.shape = info.GetShape();
+  Check(rank < 0 || static_cast<int>(t.shape.size()) == rank, "input '", name, "' must have rank ",
+        rank, ", got shape ", ShapeStr(t.shape));
+  for (int64_t d : t.shape) Check(d >= 0, "input '", name, "' has a negative dimension");
+  t.size = NumElements(t.shape);
+  t.data = v.GetTensorRawData();
+  Check(t.size == 0 || t.data != nullptr, "input '", name, "' has no data");
+  return t;
+}
+
+// Scale of a Lut op: [M] or [1]; Bias: [M] or absent. Returns per-channel pointers and strides.
+struct Affine {
+  const float* scale = nullptr;
+  int64_t scale_step = 0;  // 0 when broadcast
+  const float* bias = nullptr;  // nullptr when absent
+};
+
+inline Affine GetAffine(const Ort::KernelContext& ctx, size_t scale_index, size_t bias_index,
+                        int64_t M) {
+  Affine a;
+  Tensor s = GetInput(ctx, scale_index, "Scale", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, 1);
+  Check(s.shape[0] == M || s.shape[0] == 1, "Scale must have shape [", M, "] or [1], got ",
+        ShapeStr(s.shape));
+  a.scale = s.as<float>();
+  a.scale_step = s.shape[0] == 1 ? 0 : 1;
+  if (HasInput(ctx, bias_index)) {
+    Tensor b = GetInput(ctx, bias_index, "Bias", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, 1);
+    Check(b.shape[0] == M, "Bias must have shape [", M, "], got ", ShapeStr(b.shape));
+    a.bias = b.as<float>();
+  }
+  return a;
+}
+
+// Codes [M, ceil(R*bits/8)] and Codebook [K], 1 <= K <= 2^bits.
+struct Lut {
+  const uint8_t* codes = nullptr;
+  int64_t M = 0, R = 0, row_bytes = 0;
+  int bits = 0;
+  const float* codebook = nullptr;
+  int K = 0;
+};
+
+inline Lut GetLut(const Ort::KernelContext& ctx, size_t codes_index, size_t codebook_index,
+                  int64_t bits, int64_t M, int64_t R) {
+  Lut l;
+  Tensor c = GetInput(ctx, codes_index, "Codes", ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, 2);
+  Tensor cb = GetInput(ctx, codebook_index, "Codebook", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, 1);
+  const int64_t B = PackedRowBytes(R, bits);
+  Check(c.shape[0] == M && c.shape[1] == B, "Codes must have shape [", M, ", ", B,
+        "] (M, ceil(", R, " * ", bits, " / 8)), got ", ShapeStr(c.shape));
+  Check(cb.shape[0] >= 1 && cb.shape[0] <= (int64_t{1} << bits), "Codebook length must be in 1..",
+        (1 << bits), " for bits=", bits, ", got ", cb.shape[0]);
+  l.codes = c.as<uint8_t>();
+  l.M = M;
+  l.R = R;
+  l.row_bytes = B;
+  l.bits = static_cast<int>(bits);
+  l.codebook = cb.as<float>();
+  l.K = static_cast<int>(cb.shape[0]);
+  return l;
+}
+
+inline float* GetOutputFloat(Ort::KernelContext& ctx, const Shape& shape) {
+  auto v = ctx.GetOutput(0, shape);
+  return v.GetTensorMutableData<float>();
+}
+
+// ---- threading -------------------------------------------------------------------------------
+
+// Calls f(i) for i in [0, n) on onnxruntime's intra-op thread pool (serially when the session has
+// one thread). An exception in any task is rethrown here once all tasks ended.
+template <class F>
+void ParallelFor(const Ort::KernelContext& ctx, size_t n, F&& f) {
+  if (n == 0) return;
+  if (n == 1) {
+    f(size_t{0});
+    return;
+  }
+  struct State {
+    F* f;
+    std::atomic<bool> failed{false};
+    std::mutex mu;
+    std::string msg;
+  } st;
+  st.f = &f;
+  auto run = [](void* p, size_t i) {
+    auto* s = static_cast<State*>(p);
+    if (s->failed.load(std::memory_order_relaxed)) return;
+    try {
+      (*s->f)(i);
+    } catch (const std::exception& e) {
+      std::lock_guard<std::mutex> lock(s->mu);
+      if (!s->failed.exchange(true)) s->msg = e.what();
+    } catch (...) {
+      std::lock_guard<std::mutex> lock(s->mu);
+      if (!s->failed.exchange(true)) s->msg = "unknown error in a worker";
+    }
+  };
+  ctx.ParallelFor(run, n, 0, &st);
+  if (st.failed) Fail(st.msg);
+}
+
+// Rough number of tasks worth splitting work into (a granularity hint, not a thread count).
+int TaskHint();
+
+// True unless ADQ_FORCE_SCALAR=1 or the CPU lacks AVX2/FMA (read when a kernel is created).
+bool UseAvx2();
+
+// ---- the op template -------------------------------------------------------------------------
+
+// Kernel provides: static constexpr const char* kName; static constexpr
+// ONNXTensorElementDataType kInputs[], kOutputs[]; static constexpr size_t kRequiredInputs;
+// explicit Kernel(const OrtKernelInfo*); void Compute(Ort::KernelContext&).
+template <class Kernel>
+struct KernelAdapter : Kernel {
+  using Kernel::Kernel;
+  OrtStatusPtr ComputeV2(OrtKernelContext* context) {
+    return Guard(Kernel::kName, [&] {
+      Ort::KernelContext ctx(context);
+      this->Compute(ctx);
+    });
+  }
+};
+
+template <class Kernel>
+struct Op : Ort::CustomOpBase<Op<Kernel>, KernelAdapter<Kernel>, true> {
+  Op() { this->start_ver_ = kDomainVersion; }
+  OrtStatusPtr CreateKernelV2(const OrtApi& /*api*/, const OrtKernelInfo* info,
+                              void** op_kernel) const {
+    *op_kernel = nullptr;
+    return Guard(Kernel::kName, [&] { *op_kernel = new KernelAdapter<Kernel>(info); });
+  }
+  const char* GetName() const { return Kernel::kName; }
+  size_t GetInputTypeCount() const { return std::size(Kernel::kInputs); }
+  ONNXTensorElementDataType GetInputType(size_t i) const { return Kernel::kInputs[i]; }
+  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
+    return i < Kernel::kRequiredInputs ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
+  }
+  size_t GetOutputTypeCount() const { return std::size(Kernel::kOutputs); }
+  ONNXTensorElementDataType GetOutputType(size_t i) const { return Kernel::kOutputs[i]; }
+};
+
+constexpr ONNXTensorElementDataType kU8 = ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
+constexpr ONNXTensorElementDataType kF32 = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+
+// The ops of this library (defined one family per file, listed in ops_registry.cc).
+const OrtCustomOp* ThresholdQuantOp();
+const OrtCustomOp* LutDequantOp();
+const OrtCustomOp* LutConvOp();
+const OrtCustomOp* LutGemmOp();
+
+}  // namespace adq

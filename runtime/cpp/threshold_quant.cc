@@ -1,0 +1,110 @@
+// ThresholdQuant: Q = #{i : Scale * X >= Thresholds[i]} as uint8 (docs/onnx-ops.md).
+#include <immintrin.h>
+
+#include <algorithm>
+
+#include "common.h"
+
+namespace adq {
+namespace {
+
+// Linear count, exactly the definition (NaN compares false).
+void CountScalar(const float* x, int64_t n, float s, const float* t, int T, uint8_t* q) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = s * x[i];
+    int c = 0;
+    for (int k = 0; k < T; ++k) c += v >= t[k];
+    q[i] = static_cast<uint8_t>(c);
+  }
+}
+
+__attribute__((target("avx2"))) void CountAvx2(const float* x, int64_t n, float s, const float* t,
+                                                int T, uint8_t* q) {
+  const __m256 vs = _mm256_set1_ps(s);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = _mm256_mul_ps(vs, _mm256_loadu_ps(x + i));
+    __m256i c = _mm256_setzero_si256();
+    for (int k = 0; k < T; ++k) {
+      const __m256 ge = _mm256_cmp_ps(v, _mm256_broadcast_ss(t + k), _CMP_GE_OQ);
+      c = _mm256_sub_epi32(c, _mm256_castps_si256(ge));
+    }
+    const __m128i w = _mm_packus_epi32(_mm256_castsi256_si128(c), _mm256_extracti128_si256(c, 1));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(q + i), _mm_packus_epi16(w, w));
+  }
+  CountScalar(x + i, n - i, s, t, T, q + i);
+}
+
+// Binary search over the sorted, NaN-free thresholds: #{k : t[k] <= v}; NaN v gives 0.
+void CountSorted(const float* x, int64_t n, float s, const float* t, int T, uint8_t* q) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = s * x[i];
+    int lo = 0, len = T;
+    while (len > 0) {
+      const int half = len / 2;
+      if (t[lo + half] <= v) {
+        lo += half + 1;
+        len -= half + 1;
+      } else {
+        len = half;
+      }
+    }
+    q[i] = static_cast<uint8_t>(lo);
+  }
+}
+
+struct ThresholdQuant {
+  static constexpr const char* kName = "ThresholdQuant";
+  static constexpr ONNXTensorElementDataType kInputs[] = {kF32, kF32, kF32};
+  static constexpr ONNXTensorElementDataType kOutputs[] = {kU8};
+  static constexpr size_t kRequiredInputs = 3;
+
+  explicit ThresholdQuant(const OrtKernelInfo* /*info*/) : avx2_(UseAvx2()) {}
+
+  void Compute(Ort::KernelContext& ctx) const {
+    Tensor x = GetInput(ctx, 0, "X", kF32, -1);
+    Tensor scale = GetInput(ctx, 1, "Scale", kF32, -1);
+    Check(scale.shape.empty() || (scale.shape.size() == 1 && scale.shape[0] == 1),
+          "Scale must be a scalar ([] or [1]), got ", ShapeStr(scale.shape));
+    Tensor th = GetInput(ctx, 2, "Thresholds", kF32, 1);
+    const int64_t T = th.shape[0];
+    Check(T >= 1 && T <= 255, "Thresholds must have 1..255 entries, got ", T);
+    const float s = *scale.as<float>();
+    const float* t = th.as<float>();
+    const int nt = static_cast<int>(T);
+    for (int k = 0; k < nt; ++k) {
+      Check(t[k] == t[k] && (k == 0 || t[k - 1] <= t[k]),
+            "Thresholds must be non-decreasing and not NaN (entry ", k, ")");
+    }
+
+    auto out = ctx.GetOutput(0, x.shape);
+    uint8_t* q = out.GetTensorMutableData<uint8_t>();
+    const float* xs = x.as<float>();
+    const int64_t n = x.size;
+    constexpr int64_t kChunk = 1 << 15;
+    const size_t tasks = static_cast<size_t>((n + kChunk - 1) / kChunk);
+    const bool avx2 = avx2_;
+    ParallelFor(ctx, tasks, [&](size_t task) {
+      const int64_t i0 = static_cast<int64_t>(task) * kChunk;
+      const int64_t len = std::min(kChunk, n - i0);
+      if (nt > 24) {
+        CountSorted(xs + i0, len, s, t, nt, q + i0);
+      } else if (avx2) {
+        CountAvx2(xs + i0, len, s, t, nt, q + i0);
+      } else {
+        CountScalar(xs + i0, len, s, t, nt, q + i0);
+      }
+    });
+  }
+
+  bool avx2_;
+};
+
+}  // namespace
+
+const OrtCustomOp* ThresholdQuantOp() {
+  static const Op<ThresholdQuant> op;
+  return &op;
+}
+
+}  // namespace adq

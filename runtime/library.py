@@ -1,0 +1,122 @@
+"""Locate, build and register the ai.adq onnxruntime custom-op library (``runtime/cpp``).
+
+``session_options()`` is what a caller needs to run an ``adq``-format model::
+
+    import onnxruntime as ort
+    from runtime.library import session_options
+    sess = ort.InferenceSession("model.onnx", session_options(), providers=["CPUExecutionProvider"])
+
+The library is ``build/ops/libadq_ops.so`` (``$ADQ_BUILD_DIR/ops`` when that is set), built by
+``scripts/build-ops.sh``; the environment variable ``ADQ_OPS_LIBRARY`` names another file.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import subprocess
+from pathlib import Path
+
+import onnxruntime as ort
+
+ENV_LIBRARY = "ADQ_OPS_LIBRARY"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SOURCE_DIR = REPO_ROOT / "runtime" / "cpp"
+BUILD_SCRIPT = REPO_ROOT / "scripts" / "build-ops.sh"
+LIBRARY_NAME = "libadq_ops.so"
+BUILD_HINT = "build it with `bash scripts/build-ops.sh` (or runtime.library.build_library())"
+
+
+class OpLibraryError(RuntimeError):
+    """The ai.adq op library is missing or could not be built."""
+
+
+def default_library_path() -> Path:
+    """Where ``scripts/build-ops.sh`` writes the library."""
+    build = Path(os.environ.get("ADQ_BUILD_DIR") or REPO_ROOT / "build")
+    return build / "ops" / LIBRARY_NAME
+
+
+def get_library_path() -> Path:
+    """The op library to load: ``$ADQ_OPS_LIBRARY`` or the built one. Raises if missing."""
+    override = os.environ.get(ENV_LIBRARY)
+    if override:
+        path = Path(override)
+        if not path.is_file():
+            raise OpLibraryError(f"{ENV_LIBRARY}={override} is not a file; unset it or {BUILD_HINT}")
+        return path
+    path = default_library_path()
+    if not path.is_file():
+        raise OpLibraryError(f"ai.adq op library not built ({path} is missing); {BUILD_HINT}")
+    return path
+
+
+def _sources() -> list[Path]:
+    return [p for p in SOURCE_DIR.iterdir() if p.suffix in {".cc", ".h"} or p.name == "CMakeLists.txt"]
+
+
+def _is_stale(lib: Path) -> bool:
+    built = lib.stat().st_mtime
+    return any(p.stat().st_mtime > built for p in _sources())
+
+
+def build_library(force: bool = False) -> Path:
+    """Build the library with ``scripts/build-ops.sh`` unless it is present and up to date.
+
+    Returns its path. With ``$ADQ_OPS_LIBRARY`` set, returns that file and builds nothing.
+    Raises OpLibraryError (with the build's output) when the build fails.
+    """
+    if os.environ.get(ENV_LIBRARY):
+        return get_library_path()
+    lib = default_library_path()
+    if not force and lib.is_file() and not (SOURCE_DIR.is_dir() and _is_stale(lib)):
+        return lib
+    if not BUILD_SCRIPT.is_file():
+        raise OpLibraryError(
+            f"cannot build the ai.adq op library: {BUILD_SCRIPT} not found (not a source "
+            f"checkout); set {ENV_LIBRARY} to a built {LIBRARY_NAME}"
+        )
+    proc = subprocess.run(
+        ["bash", str(BUILD_SCRIPT)], cwd=REPO_ROOT, capture_output=True, text=True, check=False
+    )
+    if proc.returncode != 0 or not lib.is_file():
+        log = (proc.stdout + proc.stderr).strip().splitlines()
+        tail = "\n".join(log[-40:])
+        raise OpLibraryError(
+            f"building the ai.adq op library failed (exit {proc.returncode}) with "
+            f"{BUILD_SCRIPT}:\n{tail}"
+        )
+    return lib
+
+
+def op_names(path: str | os.PathLike | None = None) -> list[str]:
+    """The op names the C++ library registers (its ``AdqOpNames()``), in table order."""
+    lib = ctypes.CDLL(str(path or get_library_path()))
+    lib.AdqOpNames.restype = ctypes.c_char_p
+    return lib.AdqOpNames().decode().split(",")
+
+
+def session_options(num_threads: int | None = None) -> ort.SessionOptions:
+    """SessionOptions with the ai.adq ops registered.
+
+    Also sets ``session.qdq_matmulnbits_accuracy_level=0`` (onnxruntime otherwise fuses
+    DequantizeLinear+MatMul into MatMulNBits with int8 activations, breaking exact parity).
+    ``num_threads`` sets the intra-op thread count (the ops parallelize on that pool).
+    """
+    so = ort.SessionOptions()
+    so.register_custom_ops_library(str(get_library_path()))
+    so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+    if num_threads is not None:
+        so.intra_op_num_threads = int(num_threads)
+    return so
+
+
+__all__ = [
+    "ENV_LIBRARY",
+    "OpLibraryError",
+    "build_library",
+    "default_library_path",
+    "get_library_path",
+    "op_names",
+    "session_options",
+]

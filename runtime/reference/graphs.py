@@ -1,0 +1,76 @@
+"""Run ONE ai.adq op on NumPy arrays through a one-node graph (tests, C++ op tests)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx.helper as oh
+
+from runtime.reference import run_reference
+from runtime.schema import DOMAIN, OPS_BY_NAME, VERSION
+
+_ELEM = {"uint8": onnx.TensorProto.UINT8, "float": onnx.TensorProto.FLOAT}
+
+# Output rank of each op (onnx.checker wants a shape field on graph outputs); dims stay unknown.
+_OUTPUT_RANK = {
+    "ThresholdQuant": lambda inputs, attrs: np.ndim(inputs["X"]),
+    "LutDequant": lambda inputs, attrs: len(attrs.get("shape", ())),
+    "LutConv": lambda inputs, attrs: 4,
+    "LutGemm": lambda inputs, attrs: 2,
+}
+
+
+def single_op_model(
+    op_name: str,
+    inputs: dict[str, np.ndarray],
+    attrs: dict | None = None,
+    opset: int = 21,
+) -> onnx.ModelProto:
+    """A model with one ``op_name`` node; ``inputs`` (by declared name) become graph inputs.
+
+    Missing optional inputs are left out. Graph input types follow the arrays' dtypes (so wrong
+    dtypes reach the op); output element types follow the declaration, output dims are left
+    unknown (rank only, which onnx.checker requires).
+    """
+    if op_name not in OPS_BY_NAME:
+        raise ValueError(f"unknown ai.adq op {op_name!r}; known: {sorted(OPS_BY_NAME)}")
+    decl = OPS_BY_NAME[op_name]
+    declared = {p.name for p in decl.inputs}
+    unknown = sorted(set(inputs) - declared)
+    if unknown:
+        raise ValueError(f"{op_name}: unknown inputs {unknown}; declared: {sorted(declared)}")
+    names = []
+    graph_inputs = []
+    for p in decl.inputs:
+        if p.name not in inputs or inputs[p.name] is None:
+            if not p.optional:
+                raise ValueError(f"{op_name}: required input {p.name} missing")
+            names.append("")
+            continue
+        arr = np.asarray(inputs[p.name])
+        elem = oh.np_dtype_to_tensor_dtype(arr.dtype)
+        graph_inputs.append(oh.make_tensor_value_info(p.name, elem, list(arr.shape)))
+        names.append(p.name)
+    while names and names[-1] == "":
+        names.pop()
+    rank = _OUTPUT_RANK[op_name](inputs, attrs or {})
+    outputs = [
+        oh.make_tensor_value_info(p.name, _ELEM[p.dtype], [None] * rank) for p in decl.outputs
+    ]
+    node = oh.make_node(
+        op_name, names, [p.name for p in decl.outputs], domain=DOMAIN, **(attrs or {})
+    )
+    graph = oh.make_graph([node], f"{op_name}_single", graph_inputs, outputs)
+    opsets = [oh.make_opsetid("", opset), oh.make_opsetid(DOMAIN, VERSION)]
+    ir = oh.find_min_ir_version_for([opsets[0]])
+    return oh.make_model(graph, opset_imports=opsets, ir_version=ir)
+
+
+def run_single(
+    op_name: str, inputs: dict[str, np.ndarray], attrs: dict | None = None
+) -> np.ndarray:
+    """The (single) output of ``op_name`` on ``inputs`` through ``ReferenceEvaluator``."""
+    model = single_op_model(op_name, inputs, attrs)
+    feeds = {k: np.asarray(v) for k, v in inputs.items() if v is not None}
+    (out,) = run_reference(model, feeds)
+    return out

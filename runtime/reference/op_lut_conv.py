@@ -1,0 +1,83 @@
+"""LutConv: 2-D convolution of uint8 levels with codebook weights (docs/onnx-ops.md)."""
+
+from __future__ import annotations
+
+import numpy as np
+from onnx.reference.op_run import OpRun
+
+from runtime.reference._common import (
+    check_bits,
+    check_codebook,
+    check_int,
+    check_ints,
+    check_scale_bias,
+    check_tensor,
+    epilogue,
+    lookup,
+)
+from runtime.schema import DOMAIN, attribute_defaults
+
+_DEFAULTS = attribute_defaults("LutConv")
+
+
+def _im2col(xp: np.ndarray, kernel, strides, dilations, out_hw) -> np.ndarray:
+    """Columns ``[N, C, kH, kW, OH, OW]`` of the padded input ``xp`` ``[N, C, Hp, Wp]``."""
+    (kh, kw), (sh, sw), (dh, dw), (oh, ow) = kernel, strides, dilations, out_hw
+    n, c = xp.shape[:2]
+    cols = np.empty((n, c, kh, kw, oh, ow), dtype=xp.dtype)
+    for i in range(kh):
+        for j in range(kw):
+            h0, w0 = i * dh, j * dw
+            cols[:, :, i, j] = xp[
+                :, :, h0 : h0 + sh * (oh - 1) + 1 : sh, w0 : w0 + sw * (ow - 1) + 1 : sw
+            ]
+    return cols
+
+
+class LutConv(OpRun):
+    op_domain = DOMAIN
+
+    def _run(
+        self,
+        X,
+        Codes,
+        Codebook,
+        Scale,
+        Bias=None,
+        bits=_DEFAULTS["bits"],
+        kernel_shape=_DEFAULTS["kernel_shape"],
+        strides=_DEFAULTS["strides"],
+        pads=_DEFAULTS["pads"],
+        dilations=_DEFAULTS["dilations"],
+        group=_DEFAULTS["group"],
+    ):
+        op = "LutConv"
+        bits = check_bits(op, bits)
+        kh, kw = check_ints(op, "kernel_shape", kernel_shape, 2, 1)
+        strides = check_ints(op, "strides", strides, 2, 1)
+        top, left, bottom, right = check_ints(op, "pads", pads, 4, 0)
+        dilations = check_ints(op, "dilations", dilations, 2, 1)
+        group = check_int(op, "group", group, 1)
+        X = check_tensor(op, "X", X, "uint8", 4)
+        n, c, h, w = X.shape
+        if c % group:
+            raise ValueError(f"{op}: input channels {c} not divisible by group {group}")
+        g = c // group
+        codebook = check_codebook(op, Codebook, bits)
+        wt = lookup(op, Codes, codebook, bits, None, g * kh * kw)  # [M, G*kH*kW]
+        m = wt.shape[0]
+        if m % group:
+            raise ValueError(f"{op}: output channels {m} not divisible by group {group}")
+        scale, bias = check_scale_bias(op, Scale, Bias, m)
+        (sh, sw), (dh, dw) = strides, dilations
+        oh = (h + top + bottom - dh * (kh - 1) - 1) // sh + 1
+        ow = (w + left + right - dw * (kw - 1) - 1) // sw + 1
+        if oh < 1 or ow < 1:
+            raise ValueError(f"{op}: empty output spatial size {oh}x{ow}")
+
+        xp = np.pad(X, ((0, 0), (0, 0), (top, bottom), (left, right))).astype(np.float64)
+        cols = _im2col(xp, (kh, kw), strides, dilations, (oh, ow))
+        cols = cols.reshape(n, group, g * kh * kw, oh * ow)
+        wg = wt.astype(np.float64).reshape(group, m // group, g * kh * kw)
+        acc = np.matmul(wg[None], cols).reshape(n, m, oh, ow)  # float64 accumulation
+        return (epilogue(acc, scale, bias, axis=1),)

@@ -1,0 +1,401 @@
+"""NumPy reference ops (runtime/reference) against brute force written from docs/onnx-ops.md."""
+
+from __future__ import annotations
+
+import inspect
+import math
+
+import numpy as np
+import onnx
+import pytest
+
+from runtime.packing import pack_rows
+from runtime.reference import ALL_OPS, run_reference
+from runtime.reference.graphs import run_single, single_op_model
+from runtime.schema import DOMAIN, OPS, OPS_BY_NAME, attribute_defaults, register_onnx_schemas
+
+BITS = (2, 3, 4, 8)
+KERNELS = ((1, 1), (3, 3), (5, 5), (1, 3), (3, 1), (2, 3), (3, 2))
+RTOL = 1e-5
+THR = np.array([0.5, 1.5], np.float32)
+
+
+# ----------------------------------------------------------------------------- brute force
+
+
+def _brute_conv(x, w, scale, bias, strides, pads, dilations, group):
+    """Direct convolution, one output position at a time, float64, no padding copy."""
+    n, c, h, wd = x.shape
+    m, g, kh, kw = w.shape
+    top, left, bottom, right = pads
+    oh = (h + top + bottom - dilations[0] * (kh - 1) - 1) // strides[0] + 1
+    ow = (wd + left + right - dilations[1] * (kw - 1) - 1) // strides[1] + 1
+    acc = np.zeros((n, m, oh, ow))
+    mg = m // group
+    x64, w64 = x.astype(np.float64), w.astype(np.float64)
+    for grp in range(group):
+        ms = slice(grp * mg, (grp + 1) * mg)
+        cs = slice(grp * g, (grp + 1) * g)
+        for p in range(oh):
+            for q in range(ow):
+                for i in range(kh):
+                    r = p * strides[0] + i * dilations[0] - top
+                    if not 0 <= r < h:
+                        continue
+                    for j in range(kw):
+                        s = q * strides[1] + j * dilations[1] - left
+                        if not 0 <= s < wd:
+                            continue
+                        # [N, G] x [Mg, G] -> [N, Mg]
+                        acc[:, ms, p, q] += x64[:, cs, r, s] @ w64[ms, :, i, j].T
+    sc = np.float64(scale).reshape(1, -1, 1, 1)
+    b = 0.0 if bias is None else np.float64(bias).reshape(1, -1, 1, 1)
+    return sc * acc + b, np.abs(sc * acc) + np.abs(b)
+
+
+def _brute_threshold(x, scale, thresholds):
+    out = np.zeros(x.shape, np.uint8)
+    s = np.float32(scale.reshape(()))
+    for idx in np.ndindex(x.shape):
+        v = s * np.float32(x[idx])  # one float32 multiply
+        out[idx] = sum(1 for t in thresholds.tolist() if v >= t)  # NaN >= t is False
+    return out
+
+
+def _assert_close(y, ref, mag):
+    """max |y - ref| / (|Scale*acc| + |Bias|) <= RTOL, elementwise."""
+    assert y.dtype == np.float32 and y.shape == ref.shape
+    err = np.abs(y.astype(np.float64) - ref)
+    rel = np.max(err / np.maximum(mag, 1e-30), initial=0.0)
+    assert rel <= RTOL, rel
+
+
+def _codebook(rng, bits):
+    k = int(rng.integers(1, (1 << bits) + 1))
+    return rng.standard_normal(k).astype(np.float32), k
+
+
+def _scale_bias(rng, m):
+    scale = rng.uniform(0.1, 2.0, size=m if rng.random() < 0.6 else 1).astype(np.float32)
+    bias = rng.standard_normal(m).astype(np.float32) if rng.random() < 0.5 else None
+    return scale, bias
+
+
+# ----------------------------------------------------------------------------- random cases
+
+
+def _conv_case(rng):
+    bits = int(rng.choice(BITS))
+    kh, kw = KERNELS[int(rng.integers(len(KERNELS)))]
+    strides = tuple(int(v) for v in rng.integers(1, 3, size=2))
+    dilations = tuple(int(v) for v in rng.integers(1, 3, size=2))
+    pads = tuple(int(v) for v in rng.integers(0, 3, size=4))
+    kind = rng.choice(["dense", "group2", "depthwise"])
+    if kind == "dense":
+        group, c = 1, int(rng.integers(1, 6))
+        m = int(rng.integers(1, 6))
+    elif kind == "group2":
+        group, c = 2, 2 * int(rng.integers(1, 4))
+        m = 2 * int(rng.integers(1, 4))
+    else:
+        c = int(rng.integers(1, 6))
+        group, m = c, c * int(rng.integers(1, 3))
+    n = int(rng.integers(1, 4))
+    # spatial sizes with a non-empty output
+    h = max(2, dilations[0] * (kh - 1) + 1 - pads[0] - pads[2]) + int(rng.integers(0, 6))
+    w = max(2, dilations[1] * (kw - 1) + 1 - pads[1] - pads[3]) + int(rng.integers(0, 6))
+    levels = 1 << int(rng.integers(2, 9))
+    x = rng.integers(0, levels, size=(n, c, h, w)).astype(np.uint8)
+    codebook, k = _codebook(rng, bits)
+    codes = rng.integers(0, k, size=(m, c // group, kh, kw))
+    scale, bias = _scale_bias(rng, m)
+    attrs = {"bits": bits, "kernel_shape": [kh, kw]}
+    # leave defaults out sometimes so the declared defaults are exercised
+    for name, value, default in (
+        ("strides", strides, (1, 1)),
+        ("pads", pads, (0, 0, 0, 0)),
+        ("dilations", dilations, (1, 1)),
+        ("group", group, 1),
+    ):
+        if value != default or rng.random() < 0.5:
+            attrs[name] = list(value) if isinstance(value, tuple) else value
+    inputs = {
+        "X": x,
+        "Codes": pack_rows(codes, bits),
+        "Codebook": codebook,
+        "Scale": scale,
+        "Bias": bias,
+    }
+    return inputs, attrs, codebook[codes], (strides, pads, dilations, group)
+
+
+def test_lut_conv_random():
+    rng = np.random.default_rng(2024)
+    seen = set()
+    for _ in range(160):
+        inputs, attrs, w, (strides, pads, dilations, group) = _conv_case(rng)
+        y = run_single("LutConv", inputs, attrs)
+        ref, mag = _brute_conv(
+            inputs["X"], w, inputs["Scale"], inputs["Bias"], strides, pads, dilations, group
+        )
+        _assert_close(y, ref, mag)
+        assert np.any(y != 0)
+        c = inputs["X"].shape[1]
+        seen.add(("group", "dense" if group == 1 else "dw" if group == c else "grouped"))
+        seen.update({("k", w.shape[2:]), ("bits", attrs["bits"]), ("s", strides)})
+        seen.update({("d", dilations), ("pad", any(pads)), ("bias", inputs["Bias"] is None)})
+        seen.update({("scale", inputs["Scale"].shape[0] == 1), ("n", inputs["X"].shape[0])})
+    # the random cases cover the whole grid the spec describes
+    assert {("group", g) for g in ("dense", "dw", "grouped")} <= seen
+    assert {("k", k) for k in KERNELS} <= seen and {("bits", b) for b in BITS} <= seen
+    assert {("s", (2, 2)), ("s", (1, 2)), ("d", (2, 2)), ("d", (2, 1))} <= seen
+    assert {("pad", True), ("pad", False), ("bias", True), ("bias", False)} <= seen
+    assert {("scale", True), ("scale", False), ("n", 1), ("n", 3)} <= seen
+
+
+def test_lut_gemm_random():
+    rng = np.random.default_rng(7)
+    for _ in range(60):
+        bits = int(rng.choice(BITS))
+        n, kin, m = (int(v) for v in rng.integers(1, 20, size=3))
+        x = rng.integers(0, 256, size=(n, kin)).astype(np.uint8)
+        codebook, k = _codebook(rng, bits)
+        codes = rng.integers(0, k, size=(m, kin))
+        scale, bias = _scale_bias(rng, m)
+        inputs = dict(X=x, Codes=pack_rows(codes, bits), Codebook=codebook, Scale=scale, Bias=bias)
+        y = run_single("LutGemm", inputs, {"bits": bits})
+        # brute force: one output at a time, float64
+        ref = np.zeros((n, m))
+        mag = np.zeros((n, m))
+        for i in range(n):
+            for j in range(m):
+                acc = math.fsum(float(x[i, t]) * float(codebook[codes[j, t]]) for t in range(kin))
+                s = float(scale[j if scale.shape[0] == m else 0])
+                b = 0.0 if bias is None else float(bias[j])
+                ref[i, j] = s * acc + b
+                mag[i, j] = abs(s * acc) + abs(b)
+        _assert_close(y, ref, mag)
+        assert np.any(y != 0)
+
+
+def test_lut_dequant_random():
+    rng = np.random.default_rng(11)
+    for _ in range(40):
+        bits = int(rng.choice(BITS + (1, 5, 7)))
+        shape = [int(rng.integers(1, 6))] + [
+            int(v) for v in rng.integers(1, 5, size=rng.integers(0, 4))
+        ]
+        codebook, k = _codebook(rng, bits)
+        codes = rng.integers(0, k, size=shape)
+        w = run_single(
+            "LutDequant",
+            {"Codes": pack_rows(codes, bits), "Codebook": codebook},
+            {"bits": bits, "shape": shape},
+        )
+        assert w.dtype == np.float32 and list(w.shape) == shape
+        ref = np.empty(shape, np.float32)
+        for idx in np.ndindex(*shape):
+            ref[idx] = codebook[codes[idx]]
+        np.testing.assert_array_equal(w, ref)
+
+
+def test_threshold_quant_random():
+    rng = np.random.default_rng(5)
+    for case in range(40):
+        t = int(rng.integers(1, 256)) if case % 4 == 0 else int(rng.integers(1, 16))
+        shape = tuple(int(v) for v in rng.integers(1, 6, size=rng.integers(0, 4)))
+        scale = np.array(rng.uniform(0.5, 2.0), np.float32).reshape(() if case % 2 else (1,))
+        x = (rng.standard_normal(shape) * 1.5).astype(np.float32)
+        flat = x.reshape(-1)
+        if flat.size > 1:
+            flat[1] = np.nan
+        if flat.size > 4:
+            flat[4] = rng.choice([np.inf, -np.inf])
+        # thresholds: random, with duplicates, and some exactly equal to a product Scale * X
+        products = np.float32(scale.reshape(())) * flat[np.isfinite(flat)]
+        k = min(t // 2, products.size)
+        thr = np.concatenate([rng.standard_normal(t - k), rng.choice(products, k)])
+        thr = np.sort(thr.astype(np.float32))
+        if t > 2:
+            thr[1] = thr[2]
+        q = run_single("ThresholdQuant", {"X": x, "Scale": scale, "Thresholds": thr})
+        assert q.dtype == np.uint8 and q.shape == x.shape
+        np.testing.assert_array_equal(q, _brute_threshold(x, scale, thr))
+
+
+def test_threshold_quant_exact_edges():
+    thr = np.array([-1.0, 0.0, 0.0, 0.5, 2.0], np.float32)
+    x = np.array([-2, -1, -0.5, -0.0, 0.0, 0.25, 0.5, 1.0, 3.0, np.nan, np.inf, -np.inf])
+    q = run_single(
+        "ThresholdQuant",
+        {"X": x.astype(np.float32), "Scale": np.array([1.0], np.float32), "Thresholds": thr},
+    )
+    np.testing.assert_array_equal(q, [0, 1, 1, 3, 3, 3, 4, 4, 5, 0, 5, 0])
+    assert q.any()
+
+
+def test_threshold_quant_rounds_product_to_float32():
+    """A value whose float32 product hits a threshold that its exact product is below."""
+    rng = np.random.default_rng(3)
+    for _ in range(10_000):
+        s, x = rng.uniform(0.1, 3.0, size=2).astype(np.float32)
+        t = np.float32(s * x)
+        if float(s) * float(x) < float(t):
+            break
+    else:
+        pytest.fail("no witness found")
+    thr = np.array([t], np.float32)
+    q = run_single("ThresholdQuant", {"X": np.array([x]), "Scale": np.array(s), "Thresholds": thr})
+    assert q.tolist() == [1]
+
+
+# ----------------------------------------------------------------------------- wiring
+
+
+def test_classes_match_schema_declarations():
+    assert [cls.__name__ for cls in ALL_OPS] == [op.name for op in OPS]
+    for cls in ALL_OPS:
+        decl = OPS_BY_NAME[cls.__name__]
+        assert cls.op_domain == DOMAIN
+        snake = "".join("_" + ch.lower() if ch.isupper() else ch for ch in decl.name).lstrip("_")
+        assert cls.__module__ == f"runtime.reference.op_{snake}"
+        params = list(inspect.signature(cls._run).parameters.values())[1:]  # drop self
+        n_in = len(decl.inputs)
+        for p, io in zip(params[:n_in], decl.inputs, strict=True):
+            assert p.name == io.name
+            assert p.default is (None if io.optional else inspect.Parameter.empty)
+        attrs = {p.name: p.default for p in params[n_in:]}
+        assert attrs == attribute_defaults(decl.name)
+        assert list(attrs) == [a.name for a in decl.attrs]
+
+
+def test_single_op_models_pass_onnx_checker(tmp_path):
+    register_onnx_schemas()
+    rng = np.random.default_rng(0)
+    inputs, attrs, *_ = _conv_case(rng)
+    model = single_op_model("LutConv", inputs, attrs)
+    onnx.checker.check_model(model, full_check=True)
+    assert {(o.domain, o.version) for o in model.opset_import} >= {(DOMAIN, 1), ("", 21)}
+    assert model.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    path = tmp_path / "conv.onnx"
+    onnx.save(model, path)
+    feeds = {k: v for k, v in inputs.items() if v is not None}
+    (y,) = run_reference(path, feeds)
+    np.testing.assert_array_equal(y, run_reference(model, feeds)[0])
+
+    q_model = single_op_model(
+        "ThresholdQuant",
+        {"X": np.zeros((2, 3), np.float32), "Scale": np.ones(1, np.float32), "Thresholds": THR},
+        {},
+    )
+    onnx.checker.check_model(q_model, full_check=True)
+    assert q_model.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def _valid():
+    f = np.float32
+    conv = dict(
+        X=np.ones((1, 4, 5, 5), np.uint8),
+        Codes=pack_rows(np.ones((6, 2, 3, 3), np.int64), 3),
+        Codebook=np.array([0.5, -1.0, 2.0], f),
+        Scale=np.ones(6, f),
+        Bias=np.zeros(6, f),
+    )
+    conv_attrs = dict(bits=3, kernel_shape=[3, 3], group=2)
+    gemm = dict(
+        X=np.ones((2, 5), np.uint8),
+        Codes=pack_rows(np.ones((3, 5), np.int64), 4),
+        Codebook=np.array([0.5, -1.0], f),
+        Scale=np.ones(1, f),
+        Bias=np.zeros(3, f),
+    )
+    deq = dict(Codes=pack_rows(np.ones((3, 2, 2), np.int64), 2), Codebook=np.array([1, 2], f))
+    tq = dict(X=np.ones((2, 2), f), Scale=np.array(1, f), Thresholds=THR)
+    return {
+        "LutConv": (conv, conv_attrs),
+        "LutGemm": (gemm, dict(bits=4)),
+        "LutDequant": (deq, dict(bits=2, shape=[3, 2, 2])),
+        "ThresholdQuant": (tq, {}),
+    }
+
+
+def _f(*a):
+    return np.array(a, np.float32)
+
+
+ERRORS = [
+    # ThresholdQuant
+    ("ThresholdQuant", {"X": np.ones(3, np.float64)}, {}),
+    ("ThresholdQuant", {"X": np.ones(3, np.uint8)}, {}),
+    ("ThresholdQuant", {"Scale": _f(1, 2)}, {}),
+    ("ThresholdQuant", {"Scale": np.ones((1, 1), np.float32)}, {}),
+    ("ThresholdQuant", {"Scale": np.ones(1, np.float64)}, {}),
+    ("ThresholdQuant", {"Thresholds": np.zeros(0, np.float32)}, {}),
+    ("ThresholdQuant", {"Thresholds": np.zeros(256, np.float32)}, {}),
+    ("ThresholdQuant", {"Thresholds": _f(1, 0.5)}, {}),
+    ("ThresholdQuant", {"Thresholds": _f(0, np.nan)}, {}),
+    ("ThresholdQuant", {"Thresholds": np.zeros((1, 2), np.float32)}, {}),
+    ("ThresholdQuant", {"Thresholds": np.zeros(2, np.float16)}, {}),
+    # LutDequant
+    ("LutDequant", {}, {"bits": 0}),
+    ("LutDequant", {}, {"bits": 9}),
+    ("LutDequant", {}, {"bits": None}),
+    ("LutDequant", {}, {"shape": None}),
+    ("LutDequant", {}, {"shape": [3, 2, 0]}),
+    ("LutDequant", {}, {"shape": [4, 2, 2]}),  # M mismatch
+    ("LutDequant", {}, {"shape": [3, 2, 5]}),  # B mismatch
+    ("LutDequant", {"Codes": np.ones((3, 1), np.int8)}, {}),
+    ("LutDequant", {"Codes": np.ones((3, 1, 1), np.uint8)}, {}),
+    ("LutDequant", {"Codes": np.full((3, 1), 0xFF, np.uint8)}, {}),  # code 3 >= K = 2
+    ("LutDequant", {"Codebook": np.zeros(0, np.float32)}, {}),
+    ("LutDequant", {"Codebook": np.zeros(5, np.float32)}, {}),  # K > 2^bits
+    ("LutDequant", {"Codebook": np.zeros(2, np.float64)}, {}),
+    # LutGemm
+    ("LutGemm", {"X": np.ones((2, 5), np.float32)}, {}),
+    ("LutGemm", {"X": np.ones((1, 2, 5), np.uint8)}, {}),
+    ("LutGemm", {"X": np.ones((2, 7), np.uint8)}, {}),  # Kin 7 needs 4 bytes
+    ("LutGemm", {"Codes": pack_rows(np.full((3, 5), 2), 4)}, {}),  # code 2 >= K
+    ("LutGemm", {"Scale": _f(1, 1)}, {}),
+    ("LutGemm", {"Scale": np.ones((), np.float32)}, {}),
+    ("LutGemm", {"Bias": _f(0)}, {}),
+    ("LutGemm", {"Bias": np.zeros(3, np.float64)}, {}),
+    ("LutGemm", {}, {"bits": 9}),
+    ("LutGemm", {}, {"bits": None}),
+    # LutConv
+    ("LutConv", {"X": np.ones((4, 5, 5), np.uint8)}, {}),
+    ("LutConv", {"X": np.ones((1, 4, 5, 5), np.float32)}, {}),
+    ("LutConv", {"X": np.ones((1, 6, 5, 5), np.uint8)}, {}),  # C/group = 3: Codes mismatch
+    ("LutConv", {"X": np.ones((1, 5, 5, 5), np.uint8)}, {}),  # C % group
+    ("LutConv", {"Codes": pack_rows(np.ones((5, 2, 3, 3), np.int64), 3)}, {}),  # M % group
+    ("LutConv", {"Codes": pack_rows(np.full((6, 2, 3, 3), 3), 3)}, {}),  # code 3 >= K
+    ("LutConv", {"Codes": np.ones((6, 8), np.uint8)}, {}),  # 18 codes * 3 bits = 7 bytes
+    ("LutConv", {"Codebook": np.zeros(9, np.float32)}, {}),  # K > 2^3
+    ("LutConv", {"Scale": np.ones(3, np.float32)}, {}),
+    ("LutConv", {"Bias": np.zeros(1, np.float32)}, {}),
+    ("LutConv", {}, {"bits": 0}),
+    ("LutConv", {}, {"kernel_shape": None}),
+    ("LutConv", {}, {"kernel_shape": [3]}),
+    ("LutConv", {}, {"strides": [0, 1]}),
+    ("LutConv", {}, {"strides": [1, -1]}),
+    ("LutConv", {}, {"dilations": [0, 1]}),
+    ("LutConv", {}, {"pads": [0, -1, 0, 0]}),
+    ("LutConv", {}, {"pads": [1, 1]}),
+    ("LutConv", {}, {"group": 0}),
+    ("LutConv", {}, {"group": 4}),  # C/group = 1: Codes mismatch
+    ("LutConv", {}, {"dilations": [3, 1]}),  # effective kernel 7 > 5: empty output
+    ("LutConv", {"X": np.ones((1, 4, 2, 9), np.uint8)}, {}),  # empty output
+]
+
+
+@pytest.mark.parametrize("op, bad_inputs, bad_attrs", ERRORS)
+def test_errors_raise_value_error(op, bad_inputs, bad_attrs):
+    inputs, attrs = _valid()[op]
+    y = run_single(op, inputs, attrs)  # the base case is valid
+    assert np.any(y != 0)
+    inputs = {**inputs, **bad_inputs}
+    attrs = {k: v for k, v in {**attrs, **bad_attrs}.items() if v is not None}
+    with pytest.raises(ValueError, match=op):
+        run_single(op, inputs, attrs)
