@@ -14,7 +14,9 @@ import click
 from .checkpoint import CheckpointError
 from .data import DATASETS, DataError
 
-USER_ERRORS = (CheckpointError, DataError, ValueError, OSError)
+# RuntimeError: onnxruntime's failures (e.g. a session that cannot load the model) and a
+# missing op library (runtime.library.OpLibraryError) are the user's to fix, not tracebacks.
+USER_ERRORS = (CheckpointError, DataError, ValueError, OSError, RuntimeError)
 
 
 def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -24,6 +26,8 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
+        except click.exceptions.Exit:
+            raise
         except USER_ERRORS as e:
             msg = " ".join(str(e).split()) or type(e).__name__
             raise click.exceptions.Exit(_fail(msg)) from None
@@ -34,6 +38,16 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 def _fail(msg: str) -> int:
     click.echo(f"error: {msg}", err=True)
     return 2
+
+
+def _json_dict(value: str) -> dict[str, Any]:
+    try:
+        out = json.loads(value)
+    except json.JSONDecodeError as e:
+        raise click.BadParameter(f"not JSON: {e}") from None
+    if not isinstance(out, dict):
+        raise click.BadParameter("expected a JSON object")
+    return out
 
 
 def _int_list(value: str) -> tuple[int, ...]:
@@ -55,6 +69,12 @@ def _int_list(value: str) -> tuple[int, ...]:
     "The fp32 teacher goes beside it as OUT_STEM.fp32.pt, resume state as .resume.pt.",
 )
 @click.option("--model", default="resnet20", help="Registry name of the network.")
+@click.option(
+    "--model-kwargs",
+    default="{}",
+    callback=lambda c, p, v: _json_dict(v),
+    help="JSON keyword arguments of the model factory, e.g. '{\"width\": 8}'.",
+)
 @click.option("--dataset", type=click.Choice(sorted(DATASETS)), default="fashion-mnist")
 @click.option(
     "--data-dir",
@@ -265,6 +285,89 @@ def export_main(
     click.echo(result.summary())
 
 
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option(
+    "--checkpoint",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="The checkpoint the model was exported from.",
+)
+@click.option("--dataset", type=click.Choice(sorted(DATASETS)), default="fashion-mnist")
+@click.option("--data-dir", default=None, help="Folder with the standard IDX files.")
+@click.option(
+    "--samples",
+    default=None,
+    type=click.IntRange(1),
+    help="Test images to compare [default: the whole test split].",
+)
+@click.option(
+    "--batch-sizes",
+    default="1,32",
+    callback=lambda c, p, v: _int_list(v),
+    help="Batch sizes to time.",
+)
+@click.option("--latency-runs", default=30, type=click.IntRange(1))
+@click.option(
+    "--threads",
+    default=None,
+    type=click.IntRange(1),
+    help="Intra-op threads of both runtimes [default: theirs].",
+)
+@click.option("--report", "report_path", default=None, help="Write the JSON report here.")
+@click.option("--min-agreement", default=99.9, type=float, help="Top-1 agreement gate, %.")
+@click.option(
+    "--max-logit-error", default=1e-4, type=float, help="Gate on mean |logit error| / mean |logit|."
+)
+@click.option(
+    "--max-accuracy-drop", default=0.5, type=float, help="Gate on PyTorch minus ONNX top-1, points."
+)
+@click.option("--allow-import", is_flag=True, help="Trust a 'module:factory' architecture.")
+@click.option("--progress/--no-progress", default=True)
+@user_errors
+def validate_main(
+    model: str,
+    checkpoint: str,
+    dataset: str,
+    data_dir: str | None,
+    samples: int | None,
+    batch_sizes: tuple[int, ...],
+    latency_runs: int,
+    threads: int | None,
+    report_path: str | None,
+    min_agreement: float,
+    max_logit_error: float,
+    max_accuracy_drop: float,
+    allow_import: bool,
+    progress: bool,
+) -> None:
+    """Compare MODEL (an adq, standard or int8 export) with the PyTorch model of CHECKPOINT on
+    real test images: accuracy, top-1 agreement, logit error, latency, size and session memory.
+
+    Exit status: 0 when every parity gate passes, 1 when one fails, 2 on bad input.
+    """
+    from runtime.validate import Thresholds, format_report, validate, write_report
+
+    report = validate(
+        model,
+        checkpoint,
+        dataset=dataset,
+        data_dir=data_dir,
+        samples=samples,
+        batch_sizes=batch_sizes,
+        latency_runs=latency_runs,
+        threads=threads,
+        progress=progress,
+        thresholds=Thresholds(min_agreement, max_logit_error, max_accuracy_drop),
+        allow_import=allow_import,
+    )
+    click.echo(format_report(report))
+    if report_path:
+        write_report(report, report_path)
+    if not report.passed:
+        raise click.exceptions.Exit(1)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def cli() -> None:
     """adq-deploy: train, evaluate and export ADQ mixed-precision models."""
@@ -273,6 +376,7 @@ def cli() -> None:
 cli.add_command(train_main, "train")
 cli.add_command(eval_main, "eval")
 cli.add_command(export_main, "export")
+cli.add_command(validate_main, "validate")
 
 if __name__ == "__main__":
     cli()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import onnx
 from onnx import numpy_helper
@@ -78,10 +80,13 @@ def compact_names(model: onnx.ModelProto) -> None:
     keep = {i.name for i in graph.input} | {o.name for o in graph.output}
     keep |= {i.name for i in graph.initializer}
     mapping: dict[str, str] = {}
+    fresh = (f"v{k}" for k in itertools.count())
     for node in graph.node:
         for out in node.output:
             if out and out not in keep and out not in mapping:
-                mapping[out] = f"v{len(mapping)}"
+                # A kept name may itself look like 'v12' (onnxsim turns folded values into
+                # initializers that keep their names): never hand that name out again.
+                mapping[out] = next(v for v in fresh if v not in keep)
     for node in graph.node:
         node.name = ""
         node.doc_string = ""

@@ -43,7 +43,9 @@ def get_library_path() -> Path:
     if override:
         path = Path(override)
         if not path.is_file():
-            raise OpLibraryError(f"{ENV_LIBRARY}={override} is not a file; unset it or {BUILD_HINT}")
+            raise OpLibraryError(
+                f"{ENV_LIBRARY}={override} is not a file; unset it or {BUILD_HINT}"
+            )
         return path
     path = default_library_path()
     if not path.is_file():
@@ -52,7 +54,9 @@ def get_library_path() -> Path:
 
 
 def _sources() -> list[Path]:
-    return [p for p in SOURCE_DIR.iterdir() if p.suffix in {".cc", ".h"} or p.name == "CMakeLists.txt"]
+    return [
+        p for p in SOURCE_DIR.iterdir() if p.suffix in {".cc", ".h"} or p.name == "CMakeLists.txt"
+    ]
 
 
 def _is_stale(lib: Path) -> bool:

@@ -12,11 +12,24 @@ int TaskHint() {
   return hint;
 }
 
-bool UseAvx2() {
-  static const bool cpu = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  const char* force = std::getenv("ADQ_FORCE_SCALAR");
-  const bool forced = force && force[0] && std::strcmp(force, "0") != 0;
-  return cpu && !forced;
+Isa SelectIsa() {
+  static const Isa cpu = [] {
+    __builtin_cpu_init();
+    if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma")) return Isa::kScalar;
+    return __builtin_cpu_supports("avx512f") ? Isa::kAvx512 : Isa::kAvx2;
+  }();
+  Isa cap = Isa::kAvx512;
+  if (const char* env = std::getenv("ADQ_ISA")) {
+    const std::string v = env;
+    if (v == "scalar") {
+      cap = Isa::kScalar;
+    } else if (v == "avx2") {
+      cap = Isa::kAvx2;
+    } else if (!v.empty() && v != "avx512") {
+      Fail(Str("ADQ_ISA must be scalar, avx2 or avx512, got '", v, "'"));
+    }
+  }
+  return static_cast<int>(cpu) < static_cast<int>(cap) ? cpu : cap;
 }
 
 }  // namespace adq

@@ -207,6 +207,7 @@ struct Lut {
   int bits = 0;
   const float* codebook = nullptr;
   int K = 0;
+  alignas(64) float table[32] = {};  // the first min(K, 32) levels, zero padded
 };
 
 inline Lut GetLut(const Ort::KernelContext& ctx, size_t codes_index, size_t codebook_index,
@@ -226,6 +227,7 @@ inline Lut GetLut(const Ort::KernelContext& ctx, size_t codes_index, size_t code
   l.bits = static_cast<int>(bits);
   l.codebook = cb.as<float>();
   l.K = static_cast<int>(cb.shape[0]);
+  for (int i = 0; i < l.K && i < 32; ++i) l.table[i] = l.codebook[i];
   return l;
 }
 
@@ -269,11 +271,30 @@ void ParallelFor(const Ort::KernelContext& ctx, size_t n, F&& f) {
   if (st.failed) Fail(st.msg);
 }
 
+// A per-thread float buffer of at least n entries, kept and reused across calls (its contents
+// are unspecified). Each Tag is a separate buffer: use different tags for buffers alive at the
+// same time on one thread (a Compute's caller thread also runs ParallelFor tasks).
+template <int Tag>
+float* ThreadScratch(int64_t n) {
+  thread_local std::vector<float> buf;
+  if (static_cast<int64_t>(buf.size()) < n) {
+    buf.clear();
+    buf.shrink_to_fit();
+    buf.resize(static_cast<size_t>(n));
+  }
+  return buf.data();
+}
+enum ScratchTag { kConvWeights, kConvTile, kGemmX, kGemmRow, kGemmWeights };
+
 // Rough number of tasks worth splitting work into (a granularity hint, not a thread count).
 int TaskHint();
 
-// True unless ADQ_FORCE_SCALAR=1 or the CPU lacks AVX2/FMA (read when a kernel is created).
-bool UseAvx2();
+// Instruction sets the kernels dispatch on at run time.
+enum class Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
+
+// The best instruction set of this CPU (AVX2 means AVX2+FMA, AVX512 means AVX-512F too), capped
+// by the environment variable ADQ_ISA=scalar|avx2|avx512 (read when a kernel is created).
+Isa SelectIsa();
 
 // ---- the op template -------------------------------------------------------------------------
 

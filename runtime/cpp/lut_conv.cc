@@ -1,8 +1,9 @@
 // LutConv: Y = Scale[m] * conv2d(X, Codebook[unpack(Codes)]) + Bias[m] on uint8 levels X
 // (docs/onnx-ops.md). Weights stay packed in the model; each Compute decodes them once into a
-// float scratch (packed GEMM panels), then runs im2col on the uint8 activations (level 0 as
-// padding) tile by tile into a float block and a blocked AVX2/FMA GEMM. Channel groups with at
-// most two output channels (depthwise) use a direct convolution instead.
+// per-thread float scratch [M, R] (vector table lookups), then runs im2col on the uint8
+// activations (level 0 as padding) tile by tile into a float block and the blocked GEMM
+// (AVX-512 / AVX2 / portable). Channel groups with at most two output channels (depthwise) use a
+// direct convolution instead.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -14,8 +15,6 @@
 namespace adq {
 namespace {
 
-using gemm::MR;
-using gemm::NR;
 using gemm::RoundUp;
 
 struct Geom {
@@ -33,7 +32,7 @@ inline void ValidCols(int64_t off, int64_t sW, int64_t W, int64_t OW, int64_t* l
 // dst[kk * ldb + q] = Xp[c, ih, iw] for depth k = k0 + kk (c, i, j) and output position
 // p = p0 + q, q < pt; columns pt..ldb-1 are zeroed. x points at the group's first channel.
 void Im2col(const uint8_t* x, const Geom& g, int64_t k0, int64_t kc, int64_t p0, int64_t pt,
-            int64_t ldb, float* dst, bool avx2) {
+            int64_t ldb, float* dst, Isa isa) {
   const int64_t khw = g.kH * g.kW;
   for (int64_t kk = 0; kk < kc; ++kk) {
     const int64_t k = k0 + kk;
@@ -56,7 +55,7 @@ void Im2col(const uint8_t* x, const Geom& g, int64_t k0, int64_t kc, int64_t p0,
         const int64_t b = std::max(std::min(hi, ow + cnt), a);
         std::fill(d, d + (a - ow), 0.0f);
         if (g.sW == 1) {
-          gemm::U8ToFloat(row + a + off, b - a, d + (a - ow), avx2);
+          gemm::U8ToFloat(row + a + off, b - a, d + (a - ow), isa);
         } else {
           for (int64_t q = a; q < b; ++q) d[q - ow] = static_cast<float>(row[q * g.sW + off]);
         }
@@ -101,7 +100,7 @@ struct LutConv {
   static constexpr ONNXTensorElementDataType kOutputs[] = {kF32};
   static constexpr size_t kRequiredInputs = 4;
 
-  explicit LutConv(const OrtKernelInfo* info) : avx2_(UseAvx2()) {
+  explicit LutConv(const OrtKernelInfo* info) : isa_(SelectIsa()) {
     bits_ = BitsAttr(info);
     kernel_ = IntsAttr(info, "kernel_shape", nullptr);
     const Shape ones{1, 1}, zeros{0, 0, 0, 0};
@@ -150,42 +149,36 @@ struct LutConv {
     float* y = GetOutputFloat(ctx, {g.N, M, g.OH, g.OW});
     const bool direct = g.Mg <= 2;
 
-    // Decode the weights once: row-major [M, R] (direct) or GEMM panels per group.
-    const int64_t group_size = gemm::PackedSize(g.Mg, g.R);
-    std::vector<float> w(static_cast<size_t>(direct ? M * g.R : g.group * group_size));
+    // Decode the weights once into a row-major [M, R] float scratch.
+    float* w = ThreadScratch<kConvWeights>(CheckedMul(M, g.R, "weight size"));
     if (M * g.R > 0) {
       const int64_t rows_per_task = std::max<int64_t>(1, (1 << 15) / g.R);
       ParallelFor(ctx, static_cast<size_t>((M + rows_per_task - 1) / rows_per_task), [&](size_t t) {
         const int64_t m0 = static_cast<int64_t>(t) * rows_per_task;
         for (int64_t m = m0; m < std::min(M, m0 + rows_per_task); ++m) {
-          if (direct) {
-            DecodeRow(lut, m, w.data() + m * g.R, 1);
-          } else {
-            float* a = w.data() + (m / g.Mg) * group_size;
-            DecodeRow(lut, m, gemm::PackedRow(a, g.R, m % g.Mg), MR);
-          }
+          DecodeRow(lut, m, w + m * g.R, isa_);
         }
       });
     }
     if (g.N * M * g.P == 0) return;
     if (direct) {
-      Direct(ctx, g, x.as<uint8_t>(), w.data(), af, y);
+      Direct(ctx, g, x.as<uint8_t>(), w, af, y);
     } else {
-      Gemm(ctx, g, x.as<uint8_t>(), w.data(), group_size, af, y);
+      Gemm(ctx, g, x.as<uint8_t>(), w, af, y);
     }
   }
 
   void Gemm(const Ort::KernelContext& ctx, const Geom& g, const uint8_t* x, const float* w,
-            int64_t group_size, const Affine& af, float* y) const {
+            const Affine& af, float* y) const {
     // Tasks: (n, group, column tile, row chunk); shrink tiles until there are enough tasks.
     const int64_t hint = TaskHint();
-    int64_t PT = std::min<int64_t>(RoundUp(g.P, NR), 256);
-    int64_t rows = RoundUp(g.Mg, MR);
+    int64_t PT = std::min<int64_t>(RoundUp(g.P, gemm::kColAlign), 256);
+    int64_t rows = RoundUp(g.Mg, gemm::MR);
     auto count = [&] { return g.N * g.group * ((g.P + PT - 1) / PT) * ((g.Mg + rows - 1) / rows); };
-    while (count() < hint && PT > 64) PT = RoundUp(PT / 2, NR);
-    while (count() < hint && rows > 4 * MR) rows = RoundUp(rows / 2, MR);
+    while (count() < hint && PT > 64) PT = RoundUp(PT / 2, gemm::kColAlign);
+    while (count() < hint && rows > 4 * gemm::MR) rows = RoundUp(rows / 2, gemm::MR);
     const int64_t tiles = (g.P + PT - 1) / PT, chunks = (g.Mg + rows - 1) / rows;
-    const bool avx2 = avx2_;
+    const Isa isa = isa_;
     ParallelFor(ctx, static_cast<size_t>(count()), [&](size_t task) {
       int64_t t = static_cast<int64_t>(task);
       const int64_t chunk = t % chunks;
@@ -194,21 +187,19 @@ struct LutConv {
       t /= tiles;
       const int64_t grp = t % g.group, n = t / g.group;
       const int64_t r0 = chunk * rows, nrows = std::min(rows, g.Mg - r0);
-      const int64_t p0 = tile * PT, pt = std::min(PT, g.P - p0), ldb = RoundUp(pt, NR);
+      const int64_t p0 = tile * PT, pt = std::min(PT, g.P - p0), ldb = RoundUp(pt, gemm::kColAlign);
       const uint8_t* xg = x + (n * g.C + grp * g.G) * g.H * g.W;
-      const float* a = w + grp * group_size;
       const int64_t m0 = grp * g.Mg + r0;
+      const float* a = w + m0 * g.R;
       float* yt = y + (n * g.M + m0) * g.P + p0;
-      thread_local std::vector<float> buf;
-      const int64_t kcmax = std::min(gemm::KC, g.R);
-      if (static_cast<int64_t>(buf.size()) < kcmax * ldb) buf.resize(static_cast<size_t>(kcmax * ldb));
+      float* buf = ThreadScratch<kConvTile>(std::min(gemm::KC, g.R) * ldb);
       if (g.R == 0) {
         for (int64_t r = 0; r < nrows; ++r) std::fill(yt + r * g.P, yt + r * g.P + pt, 0.0f);
       }
       for (int64_t k0 = 0; k0 < g.R; k0 += gemm::KC) {
         const int64_t kc = std::min(gemm::KC, g.R - k0);
-        Im2col(xg, g, k0, kc, p0, pt, ldb, buf.data(), avx2);
-        gemm::Multiply(a, g.R, r0, nrows, k0, kc, buf.data(), ldb, pt, yt, g.P, k0 > 0, avx2);
+        Im2col(xg, g, k0, kc, p0, pt, ldb, buf, isa);
+        gemm::Multiply(a + k0, g.R, nrows, kc, buf, ldb, pt, yt, g.P, k0 > 0, isa);
       }
       for (int64_t r = 0; r < nrows; ++r) Epilogue(yt + r * g.P, pt, af, m0 + r);
     });
@@ -216,7 +207,7 @@ struct LutConv {
 
   void Direct(const Ort::KernelContext& ctx, const Geom& g, const uint8_t* x, const float* w,
               const Affine& af, float* y) const {
-    const bool avx2 = avx2_;
+    const Isa isa = isa_;
     ParallelFor(ctx, static_cast<size_t>(g.N * g.M), [&](size_t task) {
       const int64_t n = static_cast<int64_t>(task) / g.M, m = static_cast<int64_t>(task) % g.M;
       float* out = y + (n * g.M + m) * g.P;
@@ -237,7 +228,7 @@ struct LutConv {
               if (ih < 0 || ih >= g.H) continue;
               const uint8_t* src = xc + ih * g.W + lo * g.sW + off;
               float* o = out + oh * g.OW + lo;
-              if (avx2) {
+              if (isa != Isa::kScalar) {
                 AxpyU8Avx2(src, g.sW, hi - lo, wv, o);
               } else {
                 AxpyU8Scalar(src, g.sW, hi - lo, wv, o);
@@ -250,7 +241,7 @@ struct LutConv {
     });
   }
 
-  bool avx2_;
+  Isa isa_;
   int64_t bits_, group_;
   Shape kernel_, strides_, pads_, dilations_;
 };

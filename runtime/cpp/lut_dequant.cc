@@ -13,7 +13,7 @@ struct LutDequant {
   static constexpr ONNXTensorElementDataType kOutputs[] = {kF32};
   static constexpr size_t kRequiredInputs = 2;
 
-  explicit LutDequant(const OrtKernelInfo* info) {
+  explicit LutDequant(const OrtKernelInfo* info) : isa_(SelectIsa()) {
     bits_ = BitsAttr(info);
     shape_ = IntsAttr(info, "shape", nullptr);
     Check(!shape_.empty(), "attribute 'shape' must have at least one dimension");
@@ -32,10 +32,11 @@ struct LutDequant {
     ParallelFor(ctx, tasks, [&](size_t task) {
       const int64_t m0 = static_cast<int64_t>(task) * rows_per_task;
       const int64_t m1 = std::min(M, m0 + rows_per_task);
-      for (int64_t m = m0; m < m1; ++m) DecodeRow(lut, m, w + m * R, 1);
+      for (int64_t m = m0; m < m1; ++m) DecodeRow(lut, m, w + m * R, isa_);
     });
   }
 
+  Isa isa_;
   int64_t bits_;
   Shape shape_;
 };

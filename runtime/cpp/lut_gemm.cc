@@ -1,7 +1,8 @@
 // LutGemm: Y[n, m] = Scale[m] * sum_k X[n, k] * Codebook[code[m, k]] + Bias[m] on uint8 levels
-// X [N, Kin] (docs/onnx-ops.md). Each Compute decodes the packed weights once into W^T [Kin, M]
-// (float, columns padded to the micro-kernel width), converts X into GEMM panels and runs the
-// blocked AVX2/FMA GEMM over (batch rows x output columns) tiles.
+// X [N, Kin] (docs/onnx-ops.md). Small batches: each task decodes its weight rows one at a time
+// into a small float buffer and takes dot products with the (float) activation rows, so the
+// weights never exist unpacked in full. Larger batches: the weights are decoded once per Compute
+// into W^T [Kin, M] and multiplied with the blocked GEMM over (batch rows x output columns) tiles.
 #include <algorithm>
 
 #include "common.h"
@@ -11,9 +12,9 @@
 namespace adq {
 namespace {
 
-using gemm::MR;
-using gemm::NR;
 using gemm::RoundUp;
+
+constexpr int64_t kGemvMaxBatch = 4;
 
 struct LutGemm {
   static constexpr const char* kName = "LutGemm";
@@ -21,7 +22,7 @@ struct LutGemm {
   static constexpr ONNXTensorElementDataType kOutputs[] = {kF32};
   static constexpr size_t kRequiredInputs = 4;
 
-  explicit LutGemm(const OrtKernelInfo* info) : avx2_(UseAvx2()) { bits_ = BitsAttr(info); }
+  explicit LutGemm(const OrtKernelInfo* info) : isa_(SelectIsa()) { bits_ = BitsAttr(info); }
 
   void Compute(Ort::KernelContext& ctx) const {
     Tensor x = GetInput(ctx, 0, "X", kU8, 2);
@@ -30,46 +31,10 @@ struct LutGemm {
     Lut lut = GetLut(ctx, 1, 2, bits_, M, Kin);
     Affine af = GetAffine(ctx, 3, 4, M);
     float* y = GetOutputFloat(ctx, {N, M});
-    const bool avx2 = avx2_;
-
-    // W^T [Kin, ldw]: decoded in bands of NR columns so tasks never share a cache line.
-    const int64_t ldw = RoundUp(std::max<int64_t>(M, 1), NR);
-    std::vector<float> wt(static_cast<size_t>(CheckedMul(Kin, ldw, "weight size")), 0.0f);
-    if (M * Kin > 0) {
-      const int64_t band = NR * std::max<int64_t>(1, (1 << 15) / (NR * Kin));
-      ParallelFor(ctx, static_cast<size_t>((M + band - 1) / band), [&](size_t t) {
-        const int64_t m0 = static_cast<int64_t>(t) * band;
-        for (int64_t m = m0; m < std::min(M, m0 + band); ++m) DecodeRow(lut, m, wt.data() + m, ldw);
-      });
-    }
-    if (N * M == 0) return;
-    if (Kin == 0) {
-      std::fill(y, y + N * M, 0.0f);
+    if (N <= kGemvMaxBatch) {
+      Gemv(ctx, lut, x.as<uint8_t>(), N, y);
     } else {
-      // X as GEMM panels of MR rows.
-      std::vector<float> a(static_cast<size_t>(gemm::PackedSize(N, Kin)));
-      const uint8_t* xs = x.as<uint8_t>();
-      for (int64_t n = 0; n < N; ++n) {
-        float* d = gemm::PackedRow(a.data(), Kin, n);
-        for (int64_t k = 0; k < Kin; ++k) d[k * MR] = static_cast<float>(xs[n * Kin + k]);
-      }
-      const int64_t hint = TaskHint();
-      int64_t cols = std::min<int64_t>(ldw, 256);
-      int64_t rows = RoundUp(N, MR);
-      auto count = [&] { return ((N + rows - 1) / rows) * ((M + cols - 1) / cols); };
-      while (count() < hint && rows > 4 * MR) rows = RoundUp(rows / 2, MR);
-      while (count() < hint && cols > 2 * NR) cols = RoundUp(cols / 2, NR);
-      const int64_t col_tiles = (M + cols - 1) / cols;
-      ParallelFor(ctx, static_cast<size_t>(count()), [&](size_t task) {
-        const int64_t r0 = static_cast<int64_t>(task) / col_tiles * rows;
-        const int64_t c0 = static_cast<int64_t>(task) % col_tiles * cols;
-        const int64_t nr = std::min(rows, N - r0), nc = std::min(cols, M - c0);
-        for (int64_t k0 = 0; k0 < Kin; k0 += gemm::KC) {
-          const int64_t kc = std::min(gemm::KC, Kin - k0);
-          gemm::Multiply(a.data(), Kin, r0, nr, k0, kc, wt.data() + k0 * ldw + c0, ldw, nc,
-                         y + r0 * M + c0, M, k0 > 0, avx2);
-        }
-      });
+      Gemm(ctx, lut, x.as<uint8_t>(), N, y);
     }
     for (int64_t n = 0; n < N; ++n) {
       float* yr = y + n * M;
@@ -79,7 +44,73 @@ struct LutGemm {
     }
   }
 
-  bool avx2_;
+  // Decodes every row (validating all codes, even for an empty batch) and, for N > 0, writes
+  // y[n, m] = dot(X[n], W[m]).
+  void Gemv(const Ort::KernelContext& ctx, const Lut& lut, const uint8_t* x, int64_t N,
+            float* y) const {
+    const int64_t M = lut.M, Kin = lut.R;
+    if (M == 0) return;
+    float* xf = ThreadScratch<kGemmX>(N * Kin);
+    gemm::U8ToFloat(x, N * Kin, xf, isa_);
+    const int64_t band = std::max<int64_t>(1, std::min<int64_t>((1 << 15) / std::max<int64_t>(Kin, 1),
+                                                                (M + TaskHint() - 1) / TaskHint()));
+    const Isa isa = isa_;
+    ParallelFor(ctx, static_cast<size_t>((M + band - 1) / band), [&](size_t t) {
+      float* row = ThreadScratch<kGemmRow>(Kin);
+      const int64_t m0 = static_cast<int64_t>(t) * band;
+      for (int64_t m = m0; m < std::min(M, m0 + band); ++m) {
+        DecodeRow(lut, m, row, isa);
+        for (int64_t n = 0; n < N; ++n) y[n * M + m] = gemm::Dot(xf + n * Kin, row, Kin, isa);
+      }
+    });
+  }
+
+  void Gemm(const Ort::KernelContext& ctx, const Lut& lut, const uint8_t* x, int64_t N,
+            float* y) const {
+    const int64_t M = lut.M, Kin = lut.R;
+    // W^T [Kin, ldw] (padding columns zeroed), decoded by bands of 16 rows = 16 columns.
+    const int64_t ldw = RoundUp(std::max<int64_t>(M, 1), gemm::kColAlign);
+    float* wt = ThreadScratch<kGemmWeights>(CheckedMul(Kin, ldw, "weight size"));
+    const Isa isa = isa_;
+    if (M * Kin > 0) {
+      const int64_t band = 16 * std::max<int64_t>(1, (1 << 15) / (16 * Kin));
+      ParallelFor(ctx, static_cast<size_t>((M + band - 1) / band), [&](size_t t) {
+        float* row = ThreadScratch<kGemmRow>(Kin);
+        const int64_t m0 = static_cast<int64_t>(t) * band;
+        for (int64_t m = m0; m < std::min(M, m0 + band); ++m) {
+          DecodeRow(lut, m, row, isa);
+          for (int64_t k = 0; k < Kin; ++k) wt[k * ldw + m] = row[k];
+        }
+      });
+    }
+    for (int64_t k = 0; k < Kin; ++k) std::fill(wt + k * ldw + M, wt + (k + 1) * ldw, 0.0f);
+    if (M == 0) return;
+    if (Kin == 0) {
+      std::fill(y, y + N * M, 0.0f);
+      return;
+    }
+    float* xf = ThreadScratch<kGemmX>(N * Kin);
+    gemm::U8ToFloat(x, N * Kin, xf, isa);
+    const int64_t hint = TaskHint();
+    int64_t cols = std::min<int64_t>(ldw, 256);
+    int64_t rows = RoundUp(N, gemm::MR);
+    auto count = [&] { return ((N + rows - 1) / rows) * ((M + cols - 1) / cols); };
+    while (count() < hint && rows > 4 * gemm::MR) rows = RoundUp(rows / 2, gemm::MR);
+    while (count() < hint && cols > 2 * gemm::kColAlign) cols = RoundUp(cols / 2, gemm::kColAlign);
+    const int64_t col_tiles = (M + cols - 1) / cols;
+    ParallelFor(ctx, static_cast<size_t>(count()), [&](size_t task) {
+      const int64_t r0 = static_cast<int64_t>(task) / col_tiles * rows;
+      const int64_t c0 = static_cast<int64_t>(task) % col_tiles * cols;
+      const int64_t nr = std::min(rows, N - r0), nc = std::min(cols, M - c0);
+      for (int64_t k0 = 0; k0 < Kin; k0 += gemm::KC) {
+        const int64_t kc = std::min(gemm::KC, Kin - k0);
+        gemm::Multiply(xf + r0 * Kin + k0, Kin, nr, kc, wt + k0 * ldw + c0, ldw, nc,
+                       y + r0 * M + c0, M, k0 > 0, isa);
+      }
+    });
+  }
+
+  Isa isa_;
   int64_t bits_;
 };
 

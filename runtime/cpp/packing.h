@@ -9,66 +9,44 @@
 
 namespace adq {
 
-// Unpacks codes [j0, j0 + n) of a packed row into out[0, n).
-inline void UnpackCodes(const uint8_t* row, int64_t row_bytes, int bits, int64_t j0, int64_t n,
-                        uint8_t* out) {
-  switch (bits) {
-    case 8:
-      std::memcpy(out, row + j0, static_cast<size_t>(n));
-      return;
-    case 4:
-      for (int64_t q = 0; q < n; ++q) {
-        const int64_t j = j0 + q;
-        out[q] = (row[j >> 1] >> ((j & 1) * 4)) & 0xF;
-      }
-      return;
-    case 2:
-      for (int64_t q = 0; q < n; ++q) {
-        const int64_t j = j0 + q;
-        out[q] = (row[j >> 2] >> ((j & 3) * 2)) & 0x3;
-      }
-      return;
-    case 1:
-      for (int64_t q = 0; q < n; ++q) {
-        const int64_t j = j0 + q;
-        out[q] = (row[j >> 3] >> (j & 7)) & 0x1;
-      }
-      return;
-    default: {  // 3, 5, 6, 7: codes may straddle two bytes
-      const unsigned mask = (1u << bits) - 1u;
-      for (int64_t q = 0; q < n; ++q) {
-        const int64_t pos = (j0 + q) * bits;
-        const int64_t byte = pos >> 3;
-        const int shift = static_cast<int>(pos & 7);
-        unsigned v = row[byte];
-        if (shift + bits > 8 && byte + 1 < row_bytes) v |= static_cast<unsigned>(row[byte + 1]) << 8;
-        out[q] = static_cast<uint8_t>((v >> shift) & mask);
-      }
-      return;
-    }
+// Unpacks codes [j0, j0 + n) of a packed row into out[0, n); j0 is a multiple of 8, so every
+// group of 8 codes is BITS whole bytes, read little-endian into one integer.
+template <int BITS>
+inline void UnpackGroups(const uint8_t* row, int64_t row_bytes, int64_t j0, int64_t n,
+                         uint8_t* out) {
+  constexpr uint64_t kMask = (uint64_t{1} << BITS) - 1;
+  const uint8_t* p = row + (j0 / 8) * BITS;
+  int64_t q = 0;
+  for (; q + 8 <= n; q += 8, p += BITS) {
+    uint64_t v = 0;
+    for (int b = 0; b < BITS; ++b) v |= static_cast<uint64_t>(p[b]) << (8 * b);
+    for (int i = 0; i < 8; ++i) out[q + i] = static_cast<uint8_t>((v >> (i * BITS)) & kMask);
+  }
+  if (q < n) {  // a last partial group: only the bytes still inside the row
+    const int64_t avail = row_bytes - (p - row);
+    uint64_t v = 0;
+    for (int64_t b = 0; b < BITS && b < avail; ++b) v |= static_cast<uint64_t>(p[b]) << (8 * b);
+    for (int64_t i = 0; q + i < n; ++i) out[q + i] = static_cast<uint8_t>((v >> (i * BITS)) & kMask);
   }
 }
 
-// Decodes row m of a Lut (W[m, j] = Codebook[code]) into out[j * stride], j < R, checking every
-// code is < K. Throws Ort::Exception (via Fail) on an invalid code.
-inline void DecodeRow(const Lut& lut, int64_t m, float* out, int64_t stride) {
-  constexpr int64_t kChunk = 512;
-  uint8_t buf[kChunk];
-  const uint8_t* row = lut.codes + m * lut.row_bytes;
-  for (int64_t j0 = 0; j0 < lut.R; j0 += kChunk) {
-    const int64_t n = lut.R - j0 < kChunk ? lut.R - j0 : kChunk;
-    UnpackCodes(row, lut.row_bytes, lut.bits, j0, n, buf);
-    unsigned maxc = 0;
-    for (int64_t q = 0; q < n; ++q) maxc = buf[q] > maxc ? buf[q] : maxc;
-    if (maxc >= static_cast<unsigned>(lut.K)) {
-      for (int64_t q = 0; q < n; ++q) {
-        Check(buf[q] < lut.K, "invalid code ", static_cast<int>(buf[q]), " >= K=", lut.K,
-              " (Codebook length) at row ", m, ", index ", j0 + q);
-      }
-    }
-    float* o = out + j0 * stride;
-    for (int64_t q = 0; q < n; ++q) o[q * stride] = lut.codebook[buf[q]];
+inline void UnpackCodes(const uint8_t* row, int64_t row_bytes, int bits, int64_t j0, int64_t n,
+                        uint8_t* out) {
+  switch (bits) {
+    case 1: return UnpackGroups<1>(row, row_bytes, j0, n, out);
+    case 2: return UnpackGroups<2>(row, row_bytes, j0, n, out);
+    case 3: return UnpackGroups<3>(row, row_bytes, j0, n, out);
+    case 4: return UnpackGroups<4>(row, row_bytes, j0, n, out);
+    case 5: return UnpackGroups<5>(row, row_bytes, j0, n, out);
+    case 6: return UnpackGroups<6>(row, row_bytes, j0, n, out);
+    case 7: return UnpackGroups<7>(row, row_bytes, j0, n, out);
+    default: std::memcpy(out, row + j0, static_cast<size_t>(n)); return;
   }
 }
+
+// Decodes row m of a Lut, out[j] = Codebook[code j] for j < R, checking every code is < K
+// (throws Ort::Exception via Fail otherwise). Vector table lookups for K <= 16 (AVX2) or
+// K <= 32 (AVX-512).
+void DecodeRow(const Lut& lut, int64_t m, float* out, Isa isa);
 
 }  // namespace adq

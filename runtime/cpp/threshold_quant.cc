@@ -59,7 +59,7 @@ struct ThresholdQuant {
   static constexpr ONNXTensorElementDataType kOutputs[] = {kU8};
   static constexpr size_t kRequiredInputs = 3;
 
-  explicit ThresholdQuant(const OrtKernelInfo* /*info*/) : avx2_(UseAvx2()) {}
+  explicit ThresholdQuant(const OrtKernelInfo* /*info*/) : isa_(SelectIsa()) {}
 
   void Compute(Ort::KernelContext& ctx) const {
     Tensor x = GetInput(ctx, 0, "X", kF32, -1);
@@ -83,7 +83,7 @@ struct ThresholdQuant {
     const int64_t n = x.size;
     constexpr int64_t kChunk = 1 << 15;
     const size_t tasks = static_cast<size_t>((n + kChunk - 1) / kChunk);
-    const bool avx2 = avx2_;
+    const bool avx2 = isa_ != Isa::kScalar;
     ParallelFor(ctx, tasks, [&](size_t task) {
       const int64_t i0 = static_cast<int64_t>(task) * kChunk;
       const int64_t len = std::min(kChunk, n - i0);
@@ -97,7 +97,7 @@ struct ThresholdQuant {
     });
   }
 
-  bool avx2_;
+  Isa isa_;
 };
 
 }  // namespace

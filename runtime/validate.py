@@ -1,0 +1,279 @@
+"""adq-validate: accuracy, logit and latency parity of an ONNX export with its checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from tqdm import tqdm
+
+from adq_deploy.checkpoint import load_checkpoint
+from adq_deploy.data import make_loaders
+from adq_deploy.quant import N2UQ
+
+from .library import session_options
+
+
+@dataclass
+class Thresholds:
+    """Parity gates: below min_agreement (%) or above max_logit_error (ratio) fails."""
+
+    min_agreement: float = 99.9
+    max_logit_error: float = 1e-4  # mean |onnx - torch| / mean |torch logit|
+    max_accuracy_drop: float = 0.5  # percentage points, ONNX below PyTorch
+
+
+@dataclass
+class Report:
+    """Everything adq-validate measured; written as JSON."""
+
+    model: str
+    checkpoint: str
+    format: str
+    samples: int
+    torch_top1: float
+    onnx_top1: float
+    agreement: float
+    max_abs_logit_error: float
+    mean_abs_logit_error: float
+    mean_abs_logit: float
+    disagreements: list[dict[str, Any]]
+    latency_ms: dict[str, dict[str, float]]
+    throughput_ips: dict[str, dict[str, float]]
+    file_size_bytes: int
+    session_peak_rss_mb: dict[str, float]
+    thresholds: dict[str, float]
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+
+def model_format(model: onnx.ModelProto) -> str:
+    """The export format recorded in the metadata (adq, standard, int8), or 'onnx'."""
+    props = {p.key: p.value for p in model.metadata_props}
+    return props.get("adq.format", "onnx")
+
+
+def make_session(path: str | Path, fmt: str, threads: int | None = None) -> ort.InferenceSession:
+    """A CPU session; the ai.adq op library is registered for the adq format."""
+    if fmt == "adq":
+        opts = session_options(threads)
+    else:
+        opts = ort.SessionOptions()
+        opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+        if threads:
+            opts.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def threshold_distance(model: torch.nn.Module, x: torch.Tensor) -> np.ndarray:
+    """Per sample: the smallest relative distance of any N2UQ input to one of its thresholds.
+
+    A disagreement whose sample has an activation within float rounding of a threshold is
+    explained by that activation changing level under a different summation order.
+    """
+    dist = torch.full((x.shape[0],), float("inf"))
+
+    def hook(module: N2UQ, inputs: tuple[torch.Tensor, ...]) -> None:
+        xs = module.scale_in() * inputs[0]
+        t = module.thresholds()
+        d = (xs.unsqueeze(-1) - t).abs().amin(-1) / t.abs().clamp_min(1.0).max()
+        dist.copy_(torch.minimum(dist, d.reshape(d.shape[0], -1).amin(1)))
+
+    handles = [m.register_forward_pre_hook(hook) for m in model.modules() if isinstance(m, N2UQ)]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return dist.numpy()
+
+
+def _percentiles(times: list[float]) -> dict[str, float]:
+    ms = np.array(times) * 1e3
+    return {"p50": float(np.percentile(ms, 50)), "p90": float(np.percentile(ms, 90))}
+
+
+def time_calls(fn, runs: int, warmup: int = 3) -> list[float]:
+    """Wall-clock seconds of `runs` calls after `warmup` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def session_peak_rss_mb(path: str | Path, fmt: str, batch: int, shape: list[int]) -> float:
+    """Peak RSS (MB) a fresh process gains by creating the session and running one batch."""
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, PYTHONPATH=f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    cmd = [sys.executable, "-m", "runtime.memprobe", str(path), fmt, str(batch), *map(str, shape)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def validate(
+    model_path: str | Path,
+    checkpoint: str | Path,
+    *,
+    dataset: str = "fashion-mnist",
+    data_dir: str | None = None,
+    samples: int | None = None,
+    batch_sizes: tuple[int, ...] = (1, 32),
+    latency_runs: int = 30,
+    thresholds: Thresholds | None = None,
+    threads: int | None = None,
+    progress: bool = True,
+    allow_import: bool = False,
+) -> Report:
+    """Run the PyTorch model and the ONNX model on the same test images and compare."""
+    thresholds = thresholds or Thresholds()
+    model_path = Path(model_path)
+    if not model_path.is_file():
+        raise ValueError(f"{model_path}: no such file")
+    try:
+        proto = onnx.load(str(model_path), load_external_data=False)
+    except Exception as e:  # noqa: BLE001 - protobuf raises several kinds
+        raise ValueError(f"{model_path}: not an ONNX model ({type(e).__name__})") from None
+    fmt = model_format(proto)
+    ck = load_checkpoint(checkpoint, allow_import=allow_import)
+    torch_model = ck.model.eval()
+    if threads:
+        torch.set_num_threads(threads)
+    sess = make_session(model_path, fmt, threads)
+    input_name = sess.get_inputs()[0].name
+    _, loader, _ = make_loaders(dataset, data_dir, 256, test_limit=samples, augment=False)
+
+    t_logits, o_logits, labels, dists = [], [], [], []
+    for x, y in tqdm(loader, desc="parity", disable=not progress, leave=False):
+        with torch.no_grad():
+            t = torch_model(x).numpy()
+        o = sess.run(None, {input_name: x.numpy()})[0]
+        t_logits.append(t)
+        o_logits.append(o)
+        labels.append(y.numpy())
+        disagree = t.argmax(1) != o.argmax(1)
+        dists.append(threshold_distance(torch_model, x[disagree]) if disagree.any() else None)
+    t_all, o_all, y_all = np.concatenate(t_logits), np.concatenate(o_logits), np.concatenate(labels)
+    disagree_idx = np.flatnonzero(t_all.argmax(1) != o_all.argmax(1))
+    dist_all = np.concatenate([d for d in dists if d is not None]) if len(disagree_idx) else []
+    disagreements = []
+    for i, d in zip(disagree_idx, dist_all, strict=True):
+        top2 = np.sort(t_all[i])[-2:]
+        disagreements.append(
+            {
+                "index": int(i),
+                "label": int(y_all[i]),
+                "torch": int(t_all[i].argmax()),
+                "onnx": int(o_all[i].argmax()),
+                "torch_top2_margin": float(top2[1] - top2[0]),
+                "min_threshold_distance": float(d),
+                "explained": bool(d < 1e-4),
+            }
+        )
+
+    shape = list(ck.input["shape"])
+    latency, throughput, memory = {}, {}, {}
+    for b in batch_sizes:
+        x = torch.rand(b, *shape)
+        xn = x.numpy()
+        with torch.no_grad():
+            t_times = time_calls(lambda x=x: torch_model(x), latency_runs)
+        o_times = time_calls(lambda xn=xn: sess.run(None, {input_name: xn}), latency_runs)
+        latency[str(b)] = {
+            **{f"torch_{k}": v for k, v in _percentiles(t_times).items()},
+            **{f"onnx_{k}": v for k, v in _percentiles(o_times).items()},
+        }
+        throughput[str(b)] = {
+            "torch": b / float(np.median(t_times)),
+            "onnx": b / float(np.median(o_times)),
+        }
+        memory[str(b)] = session_peak_rss_mb(model_path, fmt, b, shape)
+
+    n = len(y_all)
+    report = Report(
+        model=str(model_path),
+        checkpoint=str(checkpoint),
+        format=fmt,
+        samples=n,
+        torch_top1=100.0 * float((t_all.argmax(1) == y_all).mean()),
+        onnx_top1=100.0 * float((o_all.argmax(1) == y_all).mean()),
+        agreement=100.0 * float((t_all.argmax(1) == o_all.argmax(1)).mean()),
+        max_abs_logit_error=float(np.abs(o_all - t_all).max()),
+        mean_abs_logit_error=float(np.abs(o_all - t_all).mean()),
+        mean_abs_logit=float(np.abs(t_all).mean()),
+        disagreements=disagreements,
+        latency_ms=latency,
+        throughput_ips=throughput,
+        file_size_bytes=model_path.stat().st_size,
+        session_peak_rss_mb=memory,
+        thresholds=asdict(thresholds),
+    )
+    report.failures = check(report, thresholds)
+    return report
+
+
+def check(report: Report, thresholds: Thresholds) -> list[str]:
+    """The parity gates a report fails, one line each."""
+    failures = []
+    if report.agreement < thresholds.min_agreement:
+        failures.append(f"top-1 agreement {report.agreement:.3f}% < {thresholds.min_agreement}%")
+    ratio = report.mean_abs_logit_error / max(report.mean_abs_logit, 1e-12)
+    if ratio > thresholds.max_logit_error:
+        failures.append(
+            f"mean logit error {ratio:.2e} x mean |logit| > {thresholds.max_logit_error}"
+        )
+    drop = report.torch_top1 - report.onnx_top1
+    if drop > thresholds.max_accuracy_drop:
+        failures.append(
+            f"ONNX accuracy {drop:.2f} points below PyTorch > {thresholds.max_accuracy_drop}"
+        )
+    return failures
+
+
+def format_report(report: Report) -> str:
+    """The table adq-validate prints."""
+    lines = [
+        f"model {report.model} ({report.format}, {report.file_size_bytes:,} bytes) vs "
+        f"{report.checkpoint} on {report.samples} test images",
+        f"{'':<28}{'PyTorch':>12}{'ONNX':>12}",
+        f"{'top-1 accuracy (%)':<28}{report.torch_top1:>12.2f}{report.onnx_top1:>12.2f}",
+        f"top-1 agreement {report.agreement:.2f}% ({len(report.disagreements)} disagreements, "
+        f"{sum(d['explained'] for d in report.disagreements)} on a threshold within 1e-4)",
+        f"logit error: max {report.max_abs_logit_error:.3g}, mean "
+        f"{report.mean_abs_logit_error:.3g} (mean |logit| {report.mean_abs_logit:.3g})",
+        f"{'batch':<8}{'torch p50 ms':>14}{'torch p90':>11}{'onnx p50 ms':>13}{'onnx p90':>10}"
+        f"{'onnx img/s':>12}{'session MB':>12}",
+    ]
+    for b, lat in report.latency_ms.items():
+        lines.append(
+            f"{b:<8}{lat['torch_p50']:>14.2f}{lat['torch_p90']:>11.2f}{lat['onnx_p50']:>13.2f}"
+            f"{lat['onnx_p90']:>10.2f}{report.throughput_ips[b]['onnx']:>12.0f}"
+            f"{report.session_peak_rss_mb[b]:>12.1f}"
+        )
+    lines.append("PASS" if report.passed else "FAIL: " + "; ".join(report.failures))
+    return "\n".join(lines)
+
+
+def write_report(report: Report, path: str | Path) -> None:
+    """The JSON report, written atomically."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps({**asdict(report), "passed": report.passed}, indent=2))
+    os.replace(tmp, path)

@@ -1,0 +1,428 @@
+"""The C++ ai.adq kernels (runtime/cpp) in onnxruntime against the NumPy reference ops.
+
+Builds the op library once if it is missing or stale (a failed build fails these tests: the
+library is part of the product, it is never skipped). Thousands of seeded random one-node cases
+over bits, strides, pads, dilations, groups (depthwise included), batch sizes, Scale [M] / [1]
+and optional Bias, each compared with ``runtime.reference``; malformed inputs must give an
+onnxruntime error, never a crash.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
+
+from runtime.library import OpLibraryError, build_library, get_library_path, op_names
+from runtime.library import session_options as adq_session_options
+from runtime.packing import pack_rows
+from runtime.reference.graphs import run_single, single_op_model
+from runtime.schema import OPS
+
+ORT_ERRORS = tuple(
+    v for v in vars(_ort_state).values() if isinstance(v, type) and issubclass(v, Exception)
+)
+ALL_BITS = (1, 2, 3, 4, 5, 6, 7, 8)
+MAIN_BITS = (2, 3, 4, 8)
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="session")
+def library():
+    """Build (if needed) and return the library path; a build failure is a test failure."""
+    return build_library()
+
+
+@pytest.fixture(scope="session")
+def so2(library):
+    """Session options with the ops registered and 2 intra-op threads (parallel paths)."""
+    return adq_session_options(num_threads=2)
+
+
+def run_ort(so, op, inputs, attrs):
+    model = single_op_model(op, inputs, attrs)
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    feeds = {k: v for k, v in inputs.items() if v is not None}
+    return sess.run(None, feeds)[0]
+
+
+def compare(so, op, inputs, attrs, exact=False):
+    """Run op in onnxruntime and in the reference: (error message or None, reference output).
+
+    Floats agree when max |got - ref| <= 1e-5 * max(1, max |ref|); integer outputs exactly.
+    """
+    ref = run_single(op, inputs, attrs)
+    got = run_ort(so, op, inputs, attrs)
+    if got.dtype != ref.dtype or got.shape != ref.shape:
+        return f"dtype/shape {got.dtype}{got.shape} != reference {ref.dtype}{ref.shape}", ref
+    if exact:
+        if not np.array_equal(got, ref):
+            return f"{int((got != ref).sum())} of {ref.size} entries differ", ref
+        return None, ref
+    if ref.size == 0:
+        return None, ref
+    err = float(np.abs(got.astype(np.float64) - ref.astype(np.float64)).max())
+    tol = 1e-5 * max(1.0, float(np.abs(ref).max()))
+    return (None if err <= tol else f"max abs error {err:.3g} > {tol:.3g}"), ref
+
+
+def check_cases(so, op, cases, exact=False):
+    """Run every case; fail with the first mismatches (and their parameters)."""
+    failures, nonzero = [], 0
+    for inputs, attrs in cases:
+        msg, ref = compare(so, op, inputs, attrs, exact)
+        if msg:
+            shapes = {k: None if v is None else v.shape for k, v in inputs.items()}
+            failures.append(f"{msg}: attrs={attrs} shapes={shapes}")
+        nonzero += bool(np.any(ref != 0))
+    assert not failures, f"{len(failures)}/{len(cases)} {op} cases fail:\n" + "\n".join(
+        failures[:5]
+    )
+    # Guard against vacuous agreement (everything zero).
+    assert nonzero >= 0.9 * len(cases), f"only {nonzero}/{len(cases)} {op} outputs are non-zero"
+
+
+# ----------------------------------------------------------------------------- case generators
+
+
+def _codes(rng, bits, rows, row_len):
+    """Packed random codes and a codebook of K <= 2^bits levels that the codes all index."""
+    full = 1 << bits
+    k = int(rng.choice([full, rng.integers(1, full + 1)]))
+    codes = rng.integers(0, k, size=(rows, row_len))
+    codebook = rng.normal(size=k).astype(np.float32)
+    return pack_rows(codes, bits), codebook
+
+
+def _affine(rng, m):
+    scale = rng.uniform(0.01, 2.0, size=m if rng.random() < 0.7 else 1).astype(np.float32)
+    bias = rng.normal(size=m).astype(np.float32) if rng.random() < 0.6 else None
+    return scale, bias
+
+
+def _levels(rng, shape):
+    hi = int(rng.choice([2, 4, 16, 256]))
+    return rng.integers(0, hi, size=shape, dtype=np.uint8)
+
+
+def conv_cases(seed, count, big_every=40):
+    rng = np.random.default_rng(seed)
+    cases = []
+    for i in range(count):
+        bits = int(rng.choice(MAIN_BITS)) if rng.random() < 0.8 else int(rng.choice(ALL_BITS))
+        kind = rng.choice(["dense", "grouped", "depthwise", "depthwise2"])
+        if kind == "dense":
+            group, c, m = 1, int(rng.integers(1, 9)), int(rng.integers(1, 14))
+        elif kind == "grouped":
+            group = int(rng.integers(2, 4))
+            c, m = group * int(rng.integers(1, 4)), group * int(rng.integers(1, 8))
+        else:  # depthwise: M/group = 1 or 2 (the direct-convolution path)
+            group = c = int(rng.integers(1, 9))
+            m = c * (1 if kind == "depthwise" else 2)
+        kh, kw = int(rng.integers(1, 5)), int(rng.integers(1, 5))
+        sh, sw = int(rng.integers(1, 4)), int(rng.integers(1, 4))
+        dh, dw = (
+            (1, 1) if rng.random() < 0.6 else (int(rng.integers(1, 3)), int(rng.integers(1, 3)))
+        )
+        pads = [int(v) for v in rng.integers(0, 3, size=4)] if rng.random() < 0.7 else [0, 0, 0, 0]
+        h = max(1, dh * (kh - 1) + 1 - pads[0] - pads[2]) + int(rng.integers(0, 9))
+        w = max(1, dw * (kw - 1) + 1 - pads[1] - pads[3]) + int(rng.integers(0, 9))
+        n = int(rng.integers(1, 4))
+        if i % big_every == 0:  # several K blocks (R > 256) and column tiles (P > 256)
+            group, c, m, kh, kw, sh, sw, dh, dw = 1, 32, 20, 3, 3, 1, 1, 1, 1
+            h, w, n, pads = 18, 17, 1, [1, 1, 1, 1]
+        x = _levels(rng, (n, c, h, w))
+        packed, codebook = _codes(rng, bits, m, (c // group) * kh * kw)
+        scale, bias = _affine(rng, m)
+        attrs = {"bits": bits, "kernel_shape": [kh, kw]}
+        # Leave defaults out sometimes so the kernels' attribute defaults are exercised too.
+        if (sh, sw) != (1, 1) or rng.random() < 0.5:
+            attrs["strides"] = [sh, sw]
+        if pads != [0, 0, 0, 0] or rng.random() < 0.5:
+            attrs["pads"] = pads
+        if (dh, dw) != (1, 1) or rng.random() < 0.5:
+            attrs["dilations"] = [dh, dw]
+        if group != 1 or rng.random() < 0.5:
+            attrs["group"] = group
+        inputs = {"X": x, "Codes": packed, "Codebook": codebook, "Scale": scale, "Bias": bias}
+        cases.append((inputs, attrs))
+    return cases
+
+
+def gemm_cases(seed, count):
+    rng = np.random.default_rng(seed)
+    cases = []
+    for i in range(count):
+        bits = int(rng.choice(MAIN_BITS)) if rng.random() < 0.8 else int(rng.choice(ALL_BITS))
+        n = int(rng.choice([1, 1, 2, 3, 7, 13, 20]))
+        kin = int(rng.integers(1, 80)) if i % 10 else int(rng.integers(250, 600))
+        m = int(rng.integers(1, 70))
+        packed, codebook = _codes(rng, bits, m, kin)
+        scale, bias = _affine(rng, m)
+        inputs = {
+            "X": _levels(rng, (n, kin)),
+            "Codes": packed,
+            "Codebook": codebook,
+            "Scale": scale,
+            "Bias": bias,
+        }
+        cases.append((inputs, {"bits": bits}))
+    return cases
+
+
+def dequant_cases(seed, count):
+    rng = np.random.default_rng(seed)
+    cases = []
+    for _ in range(count):
+        bits = int(rng.choice(ALL_BITS))
+        rank = int(rng.integers(1, 5))
+        shape = [int(rng.integers(1, 9))] + [int(rng.integers(1, 6)) for _ in range(rank - 1)]
+        row_len = int(np.prod(shape[1:], dtype=np.int64))
+        packed, codebook = _codes(rng, bits, shape[0], row_len)
+        cases.append(({"Codes": packed, "Codebook": codebook}, {"bits": bits, "shape": shape}))
+    return cases
+
+
+def threshold_cases(seed, count):
+    rng = np.random.default_rng(seed)
+    cases = []
+    for i in range(count):
+        t = int(rng.choice([1, 3, 7, 15, 24, 25, 63, 255])) if i % 5 else int(rng.integers(1, 256))
+        thr = np.sort(rng.normal(size=t)).astype(np.float32)
+        if rng.random() < 0.3 and t > 2:  # repeated thresholds
+            thr[1] = thr[0]
+        rank = int(rng.integers(0, 5))
+        shape = tuple(int(v) for v in rng.integers(1, 7, size=rank))
+        if i == 0:
+            shape = (3, 40000)  # several parallel chunks
+        x = np.asarray(rng.normal(size=shape) * 1.5, dtype=np.float32)
+        flat = x.reshape(-1)
+        if flat.size >= 4:  # values exactly at thresholds, NaN and infinities
+            flat[0] = thr[int(rng.integers(0, t))]
+            flat[1:4] = [np.nan, np.inf, -np.inf]
+        scale = np.float32(rng.uniform(0.2, 3.0)) if i % 3 else np.float32(1.0)
+        scale = np.array(scale) if rng.random() < 0.5 else np.array([scale])
+        cases.append(({"X": x, "Scale": scale, "Thresholds": thr}, {}))
+    return cases
+
+
+# ----------------------------------------------------------------------------- tests
+
+
+def test_registry_lists_the_schema_ops(library):
+    names = op_names(library)
+    assert len(names) == len(set(names)), names
+    assert sorted(names) == sorted(op.name for op in OPS)
+
+
+def test_missing_library_error_says_how_to_build(tmp_path, monkeypatch):
+    monkeypatch.delenv("ADQ_OPS_LIBRARY", raising=False)
+    monkeypatch.setenv("ADQ_BUILD_DIR", str(tmp_path))
+    with pytest.raises(OpLibraryError, match="build-ops.sh"):
+        get_library_path()
+
+
+def test_session_options_sets_parity_config(library):
+    so = adq_session_options(num_threads=1)
+    assert so.get_session_config_entry("session.qdq_matmulnbits_accuracy_level") == "0"
+    assert so.intra_op_num_threads == 1
+
+
+def test_lut_conv_matches_reference(so2):
+    check_cases(so2, "LutConv", conv_cases(seed=1, count=1200))
+
+
+def test_lut_gemm_matches_reference(so2):
+    check_cases(so2, "LutGemm", gemm_cases(seed=2, count=600))
+
+
+def test_lut_dequant_matches_reference(so2):
+    check_cases(so2, "LutDequant", dequant_cases(seed=3, count=400), exact=True)
+
+
+def test_threshold_quant_matches_reference(so2):
+    check_cases(so2, "ThresholdQuant", threshold_cases(seed=4, count=400), exact=True)
+
+
+@pytest.mark.parametrize("isa", ["scalar", "avx2"])
+def test_other_isa_paths_match_reference(isa, library, monkeypatch):
+    """ADQ_ISA caps the instruction set (read when a kernel is created): the portable and AVX2
+    code paths, besides the best one of this CPU that the tests above use."""
+    monkeypatch.setenv("ADQ_ISA", isa)
+    so = adq_session_options(num_threads=1)
+    check_cases(so, "LutConv", conv_cases(seed=11, count=150, big_every=50))
+    check_cases(so, "LutGemm", gemm_cases(seed=12, count=100))
+    check_cases(so, "LutDequant", dequant_cases(seed=13, count=60), exact=True)
+    check_cases(so, "ThresholdQuant", threshold_cases(seed=14, count=60), exact=True)
+
+
+def test_bad_isa_setting_is_an_error(library, monkeypatch):
+    monkeypatch.setenv("ADQ_ISA", "sse9")
+    inputs, attrs = _gemm_ok()
+    with pytest.raises(ORT_ERRORS, match="ADQ_ISA must be"):
+        run_ort(adq_session_options(num_threads=1), "LutGemm", inputs, attrs)
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def _conv_ok(bits=2, c=4, m=6, group=1, k=3):
+    rng = np.random.default_rng(0)
+    packed, codebook = _codes(rng, bits, m, (c // group) * k * k)
+    inputs = {
+        "X": _levels(rng, (1, c, 6, 6)),
+        "Codes": packed,
+        "Codebook": codebook,
+        "Scale": np.ones(m, np.float32),
+        "Bias": np.zeros(m, np.float32),
+    }
+    return inputs, {"bits": bits, "kernel_shape": [k, k], "group": group}
+
+
+def _gemm_ok(bits=3, n=2, kin=10, m=5):
+    rng = np.random.default_rng(0)
+    packed, codebook = _codes(rng, bits, m, kin)
+    return (
+        {
+            "X": _levels(rng, (n, kin)),
+            "Codes": packed,
+            "Codebook": codebook,
+            "Scale": np.ones(1, np.float32),
+        },
+        {"bits": bits},
+    )
+
+
+def _with(case, **changes):
+    inputs, attrs = case
+    inputs, attrs = dict(inputs), dict(attrs)
+    for key, value in changes.items():
+        (inputs if key[0].isupper() else attrs)[key] = value
+    return inputs, attrs
+
+
+def _code_too_big(case, bits, row_len):
+    inputs, attrs = case
+    rng = np.random.default_rng(5)
+    k = 1 << bits
+    codes = rng.integers(0, k - 1, size=(inputs["Codes"].shape[0], row_len))
+    codes[-1, row_len - 1] = k - 1  # only the last code of the last row (in its last byte)
+    return _with(case, Codes=pack_rows(codes, bits), Codebook=np.zeros(k - 1, np.float32))
+
+
+def _error_cases():
+    conv, gemm = _conv_ok(), _gemm_ok()
+    dq_inputs = {"Codes": conv[0]["Codes"], "Codebook": conv[0]["Codebook"]}
+    dq_ok = (dq_inputs, {"bits": 2, "shape": [6, 4, 3, 3]})
+    tq_ok = (
+        {
+            "X": np.zeros((2, 3), np.float32),
+            "Scale": np.array(1.0, np.float32),
+            "Thresholds": np.array([0.5, 1.5], np.float32),
+        },
+        {},
+    )
+
+    def cv(**kw):
+        return ("LutConv", *_with(conv, **kw))
+
+    def gm(**kw):
+        return ("LutGemm", *_with(gemm, **kw))
+
+    def dq(**kw):
+        return ("LutDequant", *_with(dq_ok, **kw))
+
+    def tq(**kw):
+        return ("ThresholdQuant", *_with(tq_ok, **kw))
+
+    x = conv[0]["X"]
+    codes = conv[0]["Codes"]
+    return {
+        "conv X float": (cv(X=x.astype(np.float32)), "Type Error"),
+        "conv X rank 3": (cv(X=x[0]), "'X' must have rank 4"),
+        "conv Codes int8": (cv(Codes=codes.view(np.int8)), "Type Error"),
+        "conv Codes rank 1": (cv(Codes=codes.reshape(-1)), "'Codes' must have rank 2"),
+        "conv Codes one byte too many": (
+            cv(Codes=np.pad(codes, ((0, 0), (0, 1)))),
+            "Codes must have shape",
+        ),
+        "conv code >= K": (("LutConv", *_code_too_big(conv, 2, 36)), "invalid code 3 >= K=3"),
+        "conv Codebook longer than 2^bits": (
+            cv(Codebook=np.zeros(5, np.float32)),
+            "Codebook length",
+        ),
+        "conv Codebook empty": (cv(Codebook=np.zeros(0, np.float32)), "Codebook length"),
+        "conv Codebook float64": (
+            cv(Codebook=conv[0]["Codebook"].astype(np.float64)),
+            "Type Error",
+        ),
+        "conv Scale length 3": (cv(Scale=np.ones(3, np.float32)), "Scale must have shape"),
+        "conv Scale rank 2": (cv(Scale=np.ones((6, 1), np.float32)), "'Scale' must have rank 1"),
+        "conv Bias length 5": (cv(Bias=np.zeros(5, np.float32)), "Bias must have shape"),
+        "conv group 3 does not divide C=4": (
+            ("LutConv", *_with(_conv_ok(c=4, m=6), group=3)),
+            "not divisible by group",
+        ),
+        "conv group 2 does not divide M=3": (
+            ("LutConv", *_with(_conv_ok(c=4, m=3), group=2)),
+            "not divisible by group",
+        ),
+        "conv bits 0": (cv(bits=0), "'bits' must be in 1..8"),
+        "conv bits 9": (cv(bits=9), "'bits' must be in 1..8"),
+        "conv stride 0": (cv(strides=[0, 1]), "strides must be positive"),
+        "conv dilation 0": (cv(dilations=[1, 0]), "dilations must be positive"),
+        "conv negative pad": (cv(pads=[0, -1, 0, 0]), "pads must be non-negative"),
+        "conv 3 pads": (cv(pads=[0, 0, 0]), "pads must have 4 values"),
+        "conv empty output": (cv(kernel_shape=[7, 3]), "empty output"),
+        "conv kernel_shape missing": (
+            ("LutConv", conv[0], {"bits": 2}),
+            "missing required attribute 'kernel_shape'",
+        ),
+        "gemm X rank 3": (gm(X=gemm[0]["X"][None]), "'X' must have rank 2"),
+        "gemm X float": (gm(X=gemm[0]["X"].astype(np.float32)), "Type Error"),
+        "gemm Codes for another Kin": (gm(X=np.zeros((2, 11), np.uint8)), "Codes must have shape"),
+        "gemm code >= K": (("LutGemm", *_code_too_big(gemm, 3, 10)), "invalid code 7 >= K=7"),
+        "gemm Scale length 2": (gm(Scale=np.ones(2, np.float32)), "Scale must have shape"),
+        "gemm bits 9": (gm(bits=9), "'bits' must be in 1..8"),
+        "dequant shape mismatch": (dq(shape=[6, 4, 3, 4]), "Codes must have shape"),
+        "dequant M mismatch": (dq(shape=[5, 4, 3, 3]), "Codes must have shape"),
+        "dequant bits 0": (dq(bits=0), "'bits' must be in 1..8"),
+        "dequant code >= K": (
+            (
+                "LutDequant",
+                *_with(
+                    _code_too_big((dq_inputs, {"bits": 2, "shape": [6, 36]}), 2, 36), shape=[6, 36]
+                ),
+            ),
+            "invalid code 3 >= K=3",
+        ),
+        "threshold 256 thresholds": (
+            tq(Thresholds=np.arange(256, dtype=np.float32)),
+            "1..255 entries",
+        ),
+        "threshold no thresholds": (tq(Thresholds=np.zeros(0, np.float32)), "1..255 entries"),
+        "threshold decreasing": (tq(Thresholds=np.array([1.0, 0.0], np.float32)), "non-decreasing"),
+        "threshold Scale [2]": (tq(Scale=np.ones(2, np.float32)), "Scale must be a scalar"),
+        "threshold X uint8": (tq(X=np.zeros((2, 3), np.uint8)), "Type Error"),
+    }
+
+
+ERROR_CASES = _error_cases()
+
+
+@pytest.mark.parametrize("name", sorted(ERROR_CASES))
+def test_malformed_inputs_raise(name, so2):
+    (op, inputs, attrs), reason = ERROR_CASES[name]
+    with pytest.raises(ValueError):  # the reference agrees the case is malformed
+        run_single(op, inputs, attrs)
+    with pytest.raises(ORT_ERRORS, match=reason):
+        run_ort(so2, op, inputs, attrs)
+
+
+def test_process_still_healthy_after_errors(so2):
+    """Errors leave the library usable (runs after the error tests in file order)."""
+    inputs, attrs = _conv_ok()
+    assert compare(so2, "LutConv", inputs, attrs)[0] is None
