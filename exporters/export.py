@@ -170,6 +170,8 @@ def export(
     """The whole adq-export: returns what was written."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    if opset is not None and fmt != "standard":  # before loading: fail fast
+        raise ValueError("--opset applies to the standard format only")
     if opset is not None and fmt == "standard" and opset < MIN_OPSET:
         raise ValueError(
             f"--opset {opset} is too old for the standard format (needs >= {MIN_OPSET})"

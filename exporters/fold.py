@@ -9,6 +9,7 @@ Around the layers: the float skeleton graph (exporters/skeleton.py).
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -186,6 +187,13 @@ def fold(checkpoint: Checkpoint) -> FoldedModel:
     if not layers:
         raise ValueError("the checkpoint holds no ADQ layers (a float model): nothing to fold")
     skeleton = export_skeleton(model, checkpoint.input["shape"])
+    calls = Counter(placeholder_name(n) for n in skeleton.graph.node if n.op_type == PLACEHOLDER)
+    for name, count in calls.items():
+        if count > 1:  # one set of tensors, several call sites: BN folding would mix them up
+            raise ValueError(
+                f"layer {name} runs {count} times in one forward pass (a shared layer); "
+                "the exporter supports each ADQ layer called once"
+            )
     absorb_batch_norms(skeleton, layers)
     avg = average_bits(model)
     metadata = {

@@ -123,7 +123,10 @@ def conv_cases(seed, count, big_every=40):
             group = c = int(rng.integers(1, 9))
             m = c * (1 if kind == "depthwise" else 2)
         kh, kw = int(rng.integers(1, 5)), int(rng.integers(1, 5))
-        sh, sw = int(rng.integers(1, 4)), int(rng.integers(1, 4))
+        # stride 1 (padded-plane paths) in about half the cases, im2col paths otherwise
+        sh, sw = (
+            (1, 1) if rng.random() < 0.5 else (int(rng.integers(1, 4)), int(rng.integers(1, 4)))
+        )
         dh, dw = (
             (1, 1) if rng.random() < 0.6 else (int(rng.integers(1, 3)), int(rng.integers(1, 3)))
         )
@@ -134,6 +137,9 @@ def conv_cases(seed, count, big_every=40):
         if i % big_every == 0:  # several K blocks (R > 256) and column tiles (P > 256)
             group, c, m, kh, kw, sh, sw, dh, dw = 1, 32, 20, 3, 3, 1, 1, 1, 1
             h, w, n, pads = 18, 17, 1, [1, 1, 1, 1]
+            if i % (2 * big_every) == 0:  # more than 256 channels per group, 1x1 or strided
+                c, m, kh, kw, h, w, pads = 264, 8, 1, 1, 5, 6, [0, 0, 0, 0]
+                sh = sw = int(rng.integers(1, 3))
         x = _levels(rng, (n, c, h, w))
         packed, codebook = _codes(rng, bits, m, (c // group) * kh * kw)
         scale, bias = _affine(rng, m)
@@ -247,6 +253,55 @@ def test_threshold_quant_matches_reference(so2):
     check_cases(so2, "ThresholdQuant", threshold_cases(seed=4, count=400), exact=True)
 
 
+@pytest.mark.parametrize(
+    "op, attrs, x_shape",
+    [
+        ("LutConv", {"kernel_shape": [3, 3], "pads": [1, 1, 1, 1]}, (2, 8, 6, 7)),
+        (
+            "LutConv",
+            {"kernel_shape": [3, 3], "pads": [1, 0, 2, 1], "strides": [2, 1]},
+            (1, 8, 6, 7),
+        ),
+        ("LutConv", {"kernel_shape": [3, 3], "pads": [1, 1, 1, 1], "group": 8}, (1, 8, 6, 7)),
+        (
+            "LutConv",
+            {"kernel_shape": [3, 2], "pads": [2, 1, 0, 1], "strides": [2, 2], "group": 8},
+            (1, 8, 6, 7),
+        ),
+        ("LutGemm", {}, (1, 40)),
+        ("LutGemm", {}, (9, 40)),
+    ],
+)
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+def test_non_finite_codebook_propagates_like_reference(op, attrs, x_shape, so2):
+    """inf / NaN levels: padding (level 0) times inf is NaN in every path, as in the reference."""
+    rng = np.random.default_rng(7)
+    bits, k = 3, 8
+    m = x_shape[1] if op == "LutConv" else 6
+    row_len = x_shape[1] // attrs.get("group", 1) * int(np.prod(attrs.get("kernel_shape", [1])))
+    if op == "LutGemm":
+        row_len = x_shape[1]
+    codes = rng.integers(3, k, size=(m, row_len))  # finite levels, but in half of the rows
+    codes[: m // 2, 0] = np.arange(m // 2) % 3  # one +inf, -inf or NaN at the first (padded) tap
+    codebook = np.array([np.inf, -np.inf, np.nan, 1.0, -2.0, 0.5, 3.0, 0.0], np.float32)
+    inputs = {
+        "X": _levels(rng, x_shape),
+        "Codes": pack_rows(codes, bits),
+        "Codebook": codebook,
+        "Scale": np.ones(m, np.float32),
+    }
+    attrs = {"bits": bits, **attrs}
+    ref = run_single(op, inputs, attrs)
+    got = run_ort(so2, op, inputs, attrs)
+    assert np.isnan(ref).any() and np.isfinite(ref).any()
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(ref))
+    np.testing.assert_array_equal(np.isinf(got), np.isinf(ref))
+    fin = np.isfinite(ref)
+    np.testing.assert_allclose(
+        got[fin], ref[fin], rtol=0, atol=1e-5 * max(1, np.abs(ref[fin]).max())
+    )
+
+
 @pytest.mark.parametrize("isa", ["scalar", "avx2"])
 def test_other_isa_paths_match_reference(isa, library, monkeypatch):
     """ADQ_ISA caps the instruction set (read when a kernel is created): the portable and AVX2
@@ -310,6 +365,14 @@ def _code_too_big(case, bits, row_len):
     k = 1 << bits
     codes = rng.integers(0, k - 1, size=(inputs["Codes"].shape[0], row_len))
     codes[-1, row_len - 1] = k - 1  # only the last code of the last row (in its last byte)
+    return _with(case, Codes=pack_rows(codes, bits), Codebook=np.zeros(k - 1, np.float32))
+
+
+def _code_in_middle(case, bits, row_len):
+    """Codes all < K-1 but one, in the middle of a long row (the vectorized decode path)."""
+    k = 1 << bits
+    codes = np.random.default_rng(6).integers(0, k - 1, size=(case[0]["Codes"].shape[0], row_len))
+    codes[3, 57] = k - 1
     return _with(case, Codes=pack_rows(codes, bits), Codebook=np.zeros(k - 1, np.float32))
 
 
@@ -385,6 +448,10 @@ def _error_cases():
         "gemm X float": (gm(X=gemm[0]["X"].astype(np.float32)), "Type Error"),
         "gemm Codes for another Kin": (gm(X=np.zeros((2, 11), np.uint8)), "Codes must have shape"),
         "gemm code >= K": (("LutGemm", *_code_too_big(gemm, 3, 10)), "invalid code 7 >= K=7"),
+        "gemm code >= K mid long row": (
+            ("LutGemm", *_code_in_middle(_gemm_ok(bits=3, kin=200, m=5), 3, 200)),
+            "invalid code 7 >= K=7 .* row 3, index 57",
+        ),
         "gemm Scale length 2": (gm(Scale=np.ones(2, np.float32)), "Scale must have shape"),
         "gemm bits 9": (gm(bits=9), "'bits' must be in 1..8"),
         "dequant shape mismatch": (dq(shape=[6, 4, 3, 4]), "Codes must have shape"),

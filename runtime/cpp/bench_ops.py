@@ -21,7 +21,9 @@ from onnx import numpy_helper
 
 from runtime.library import build_library, session_options
 from runtime.packing import pack_rows
+from runtime.schema import DOMAIN, VERSION
 
+LUT_INPUTS = ["X", "codes", "cb", "s", "b"]
 # name, N, C, H, W, M, k, stride, group
 CONV_SHAPES = [
     ("resnet20 s1 16ch 32x32", 1, 16, 32, 32, 16, 3, 1, 1),
@@ -44,7 +46,7 @@ GEMM_SHAPES = [
 
 
 def _model(nodes, inputs, outputs, inits, adq):
-    opsets = [oh.make_opsetid("", 17)] + ([oh.make_opsetid("ai.adq", 1)] if adq else [])
+    opsets = [oh.make_opsetid("", 17)] + ([oh.make_opsetid(DOMAIN, VERSION)] if adq else [])
     graph = oh.make_graph(nodes, "bench", inputs, outputs, initializer=inits)
     return oh.make_model(graph, opset_imports=opsets, ir_version=8).SerializeToString()
 
@@ -57,6 +59,11 @@ def _time(sess, feeds, repeat):
         sess.run(None, feeds)
         times.append(time.perf_counter() - t)
     return min(times), float(np.median(times))
+
+
+def _lut_inits(codes, codebook, scale, bias, bits):
+    arrays = {"codes": pack_rows(codes, bits), "cb": codebook, "s": scale, "b": bias}
+    return [numpy_helper.from_array(a, name) for name, a in arrays.items()]
 
 
 def _weights(rng, bits, m, r):
@@ -78,12 +85,10 @@ def bench_conv(shape, bits, threads, repeat, rng):
     attrs = dict(kernel_shape=[k, k], strides=[s, s], pads=[pad] * 4, group=g)
     T = onnx.TensorProto
     adq = _model(
-        [oh.make_node("LutConv", ["X", "codes", "cb", "s", "b"], ["Y"], domain="ai.adq",
-                      bits=bits, **attrs)],
+        [oh.make_node("LutConv", LUT_INPUTS, ["Y"], domain=DOMAIN, bits=bits, **attrs)],
         [oh.make_tensor_value_info("X", T.UINT8, list(x.shape))],
         [oh.make_tensor_value_info("Y", T.FLOAT, None)],
-        [numpy_helper.from_array(a, nm) for a, nm in
-         ((pack_rows(codes, bits), "codes"), (codebook, "cb"), (scale, "s"), (bias, "b"))],
+        _lut_inits(codes, codebook, scale, bias, bits),
         adq=True,
     )
     # fp32 baseline: Conv with the decoded weights (scale folded in) and a bias.
@@ -91,8 +96,10 @@ def bench_conv(shape, bits, threads, repeat, rng):
         [oh.make_node("Conv", ["X", "W", "B"], ["Y"], **attrs)],
         [oh.make_tensor_value_info("X", T.FLOAT, list(x.shape))],
         [oh.make_tensor_value_info("Y", T.FLOAT, None)],
-        [numpy_helper.from_array((wf * scale[:, None, None, None]).astype(np.float32), "W"),
-         numpy_helper.from_array(bias, "B")],
+        [
+            numpy_helper.from_array((wf * scale[:, None, None, None]).astype(np.float32), "W"),
+            numpy_helper.from_array(bias, "B"),
+        ],
         adq=False,
     )
     oh_ = (h + 2 * pad - k) // s + 1
@@ -109,19 +116,20 @@ def bench_gemm(shape, bits, threads, repeat, rng):
     x = rng.integers(0, 16, size=(n, kin), dtype=np.uint8)
     T = onnx.TensorProto
     adq = _model(
-        [oh.make_node("LutGemm", ["X", "codes", "cb", "s", "b"], ["Y"], domain="ai.adq", bits=bits)],
+        [oh.make_node("LutGemm", LUT_INPUTS, ["Y"], domain=DOMAIN, bits=bits)],
         [oh.make_tensor_value_info("X", T.UINT8, list(x.shape))],
         [oh.make_tensor_value_info("Y", T.FLOAT, None)],
-        [numpy_helper.from_array(a, nm) for a, nm in
-         ((pack_rows(codes, bits), "codes"), (codebook, "cb"), (scale, "s"), (bias, "b"))],
+        _lut_inits(codes, codebook, scale, bias, bits),
         adq=True,
     )
     fp32 = _model(
         [oh.make_node("Gemm", ["X", "W", "B"], ["Y"], transB=1)],
         [oh.make_tensor_value_info("X", T.FLOAT, list(x.shape))],
         [oh.make_tensor_value_info("Y", T.FLOAT, None)],
-        [numpy_helper.from_array((wf * scale[:, None]).astype(np.float32), "W"),
-         numpy_helper.from_array(bias, "B")],
+        [
+            numpy_helper.from_array((wf * scale[:, None]).astype(np.float32), "W"),
+            numpy_helper.from_array(bias, "B"),
+        ],
         adq=False,
     )
     flops = 2.0 * n * m * kin

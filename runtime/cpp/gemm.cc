@@ -145,20 +145,74 @@ float DotScalar(const float* a, const float* b, int64_t n) {
 
 __attribute__((target("avx2,fma"))) float DotAvx2(const float* a, const float* b, int64_t n) {
   __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+  __m256 s2 = _mm256_setzero_ps(), s3 = _mm256_setzero_ps();
   int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
+  for (; i + 32 <= n; i += 32) {
     s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
     s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
+    s2 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 16), _mm256_loadu_ps(b + i + 16), s2);
+    s3 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 24), _mm256_loadu_ps(b + i + 24), s3);
   }
+  for (; i + 8 <= n; i += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
   alignas(32) float t[8];
-  _mm256_store_ps(t, _mm256_add_ps(s0, s1));
+  _mm256_store_ps(t, _mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)));
   float r = 0.0f;
   for (; i < n; ++i) r += a[i] * b[i];
   for (int j = 0; j < 8; ++j) r += t[j];
   return r;
 }
 
+__attribute__((target("avx2,fma"))) void AxpyAvx2(float w, const float* x, int64_t n, float* y) {
+  const __m256 vw = _mm256_set1_ps(w);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    _mm256_storeu_ps(y + i, _mm256_fmadd_ps(vw, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+  }
+  for (; i < n; ++i) y[i] += w * x[i];
+}
+
+__attribute__((target("avx512f"))) void AxpyAvx512(float w, const float* x, int64_t n, float* y) {
+  const __m512 vw = _mm512_set1_ps(w);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    _mm512_storeu_ps(y + i, _mm512_fmadd_ps(vw, _mm512_loadu_ps(x + i), _mm512_loadu_ps(y + i)));
+  }
+  if (i < n) {
+    const __mmask16 m = static_cast<__mmask16>((1u << (n - i)) - 1u);
+    _mm512_mask_storeu_ps(y + i, m, _mm512_fmadd_ps(vw, _mm512_maskz_loadu_ps(m, x + i),
+                                                    _mm512_maskz_loadu_ps(m, y + i)));
+  }
+}
+
+__attribute__((target("avx512f"))) float DotAvx512(const float* a, const float* b, int64_t n) {
+  __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+  __m512 s2 = _mm512_setzero_ps(), s3 = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 64 <= n; i += 64) {
+    s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), s0);
+    s1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), _mm512_loadu_ps(b + i + 16), s1);
+    s2 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 32), _mm512_loadu_ps(b + i + 32), s2);
+    s3 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 48), _mm512_loadu_ps(b + i + 48), s3);
+  }
+  for (; i + 16 <= n; i += 16) s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), s0);
+  if (i < n) {
+    const __mmask16 m = static_cast<__mmask16>((1u << (n - i)) - 1u);
+    s1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i), _mm512_maskz_loadu_ps(m, b + i), s1);
+  }
+  alignas(64) float t[16];
+  _mm512_store_ps(t, _mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3)));
+  float r = 0.0f;
+  for (int j = 0; j < 16; ++j) r += t[j];
+  return r;
+}
+
 }  // namespace
+
+void Axpy(float w, const float* x, int64_t n, float* y, Isa isa) {
+  if (isa == Isa::kAvx512) return AxpyAvx512(w, x, n, y);
+  if (isa == Isa::kAvx2) return AxpyAvx2(w, x, n, y);
+  for (int64_t i = 0; i < n; ++i) y[i] += w * x[i];
+}
 
 void Multiply(const float* A, int64_t lda, int64_t rows, int64_t kc, const float* B, int64_t ldb,
               int64_t ncols, float* C, int64_t ldc, bool accumulate, Isa isa) {
@@ -180,7 +234,8 @@ void U8ToFloat(const uint8_t* src, int64_t n, float* dst, Isa isa) {
 }
 
 float Dot(const float* a, const float* b, int64_t n, Isa isa) {
-  return isa == Isa::kScalar ? DotScalar(a, b, n) : DotAvx2(a, b, n);
+  if (isa == Isa::kAvx512) return DotAvx512(a, b, n);
+  return isa == Isa::kAvx2 ? DotAvx2(a, b, n) : DotScalar(a, b, n);
 }
 
 }  // namespace adq::gemm

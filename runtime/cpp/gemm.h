@@ -25,6 +25,9 @@ void Multiply(const float* A, int64_t lda, int64_t rows, int64_t kc, const float
 // dst[i] = float(src[i]), i < n.
 void U8ToFloat(const uint8_t* src, int64_t n, float* dst, Isa isa);
 
+// y[i] += w * x[i], i < n.
+void Axpy(float w, const float* x, int64_t n, float* y, Isa isa);
+
 // sum_i a[i] * b[i] (float accumulation, order unspecified).
 float Dot(const float* a, const float* b, int64_t n, Isa isa);
 

@@ -1,10 +1,16 @@
 // LutConv: Y = Scale[m] * conv2d(X, Codebook[unpack(Codes)]) + Bias[m] on uint8 levels X
 // (docs/onnx-ops.md). Weights stay packed in the model; each Compute decodes them once into a
-// per-thread float scratch [M, R] (vector table lookups), then runs im2col on the uint8
-// activations (level 0 as padding) tile by tile into a float block and the blocked GEMM
-// (AVX-512 / AVX2 / portable). Channel groups with at most two output channels (depthwise) use a
-// direct convolution instead.
-#include <immintrin.h>
+// per-thread float scratch (vector table lookups). Then, by case:
+//  - stride 1: the uint8 input becomes zero-padded float planes [Hp, Wp] once; each kernel tap
+//    (i, j) is then a GEMM whose B is the padded planes shifted by i*dH*Wp + j*dW (outputs are
+//    computed over rows of Wp and the wrapped-around columns dropped): no im2col. Weights are
+//    laid out tap-major [kH*kW, M, C/group] for it.
+//  - other strides: im2col of the uint8 input (level 0 as padding) tile by tile into a float
+//    block, then the GEMM on row-major weights [M, R].
+//  - channel groups of at most two output channels (depthwise): a direct convolution over the
+//    padded planes (one long axpy per tap for stride 1).
+// The GEMM is the blocked AVX-512 / AVX2 / portable one of gemm.cc.
+
 
 #include <algorithm>
 
@@ -70,24 +76,6 @@ void Im2col(const uint8_t* x, const Geom& g, int64_t k0, int64_t kc, int64_t p0,
   }
 }
 
-// o[q] += w * x[q * stride], q < n.
-void AxpyU8Scalar(const uint8_t* x, int64_t stride, int64_t n, float w, float* o) {
-  for (int64_t q = 0; q < n; ++q) o[q] += w * static_cast<float>(x[q * stride]);
-}
-
-__attribute__((target("avx2,fma"))) void AxpyU8Avx2(const uint8_t* x, int64_t stride, int64_t n,
-                                                    float w, float* o) {
-  if (stride != 1) return AxpyU8Scalar(x, stride, n, w, o);
-  const __m256 vw = _mm256_set1_ps(w);
-  int64_t q = 0;
-  for (; q + 8 <= n; q += 8) {
-    const __m128i v = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(x + q));
-    const __m256 xf = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v));
-    _mm256_storeu_ps(o + q, _mm256_fmadd_ps(vw, xf, _mm256_loadu_ps(o + q)));
-  }
-  for (; q < n; ++q) o[q] += w * static_cast<float>(x[q]);
-}
-
 inline void Epilogue(float* y, int64_t n, const Affine& af, int64_t m) {
   const float s = af.scale[m * af.scale_step];
   const float b = af.bias ? af.bias[m] : 0.0f;
@@ -149,23 +137,161 @@ struct LutConv {
     float* y = GetOutputFloat(ctx, {g.N, M, g.OH, g.OW});
     const bool direct = g.Mg <= 2;
 
-    // Decode the weights once into a row-major [M, R] float scratch.
+    const bool stride1 = g.sH == 1 && g.sW == 1;
+    const bool tap_major = stride1 && !direct;
+    const int64_t taps = g.kH * g.kW;
+
+    // Decode the weights once: row-major [M, R], or tap-major [kH*kW, M, G] for the stride-1 GEMM.
     float* w = ThreadScratch<kConvWeights>(CheckedMul(M, g.R, "weight size"));
     if (M * g.R > 0) {
       const int64_t rows_per_task = std::max<int64_t>(1, (1 << 15) / g.R);
       ParallelFor(ctx, static_cast<size_t>((M + rows_per_task - 1) / rows_per_task), [&](size_t t) {
         const int64_t m0 = static_cast<int64_t>(t) * rows_per_task;
+        float* row = tap_major ? ThreadScratch<kConvRow>(g.R) : nullptr;
         for (int64_t m = m0; m < std::min(M, m0 + rows_per_task); ++m) {
-          DecodeRow(lut, m, w + m * g.R, isa_);
+          if (!tap_major) {
+            DecodeRow(lut, m, w + m * g.R, isa_);
+            continue;
+          }
+          DecodeRow(lut, m, row, isa_);
+          for (int64_t c = 0; c < g.G; ++c) {
+            for (int64_t tap = 0; tap < taps; ++tap) w[(tap * M + m) * g.G + c] = row[c * taps + tap];
+          }
         }
       });
     }
     if (g.N * M * g.P == 0) return;
-    if (direct) {
-      Direct(ctx, g, x.as<uint8_t>(), w, af, y);
-    } else {
+    if (!stride1 && !direct) {
       Gemm(ctx, g, x.as<uint8_t>(), w, af, y);
+      return;
     }
+    // Zero-padded float planes [N, C, Hp, Wp], with slack after the last one for the reads of
+    // the shifted planes (and the GEMM's padded columns) past its end.
+    const int64_t Hp = g.H + pads_[0] + pads_[2], Wp = g.W + pads_[1] + pads_[3];
+    const int64_t plane = CheckedMul(Hp, Wp, "padded plane");
+    const int64_t slack = 2 * gemm::kColAlign;
+    float* xp = ThreadScratch<kConvInput>(CheckedMul(g.N * g.C, plane, "padded input") + slack);
+    const uint8_t* xs = x.as<uint8_t>();
+    std::fill(xp + g.N * g.C * plane, xp + g.N * g.C * plane + slack, 0.0f);
+    ParallelFor(ctx, static_cast<size_t>(g.N * g.C), [&](size_t t) {
+      float* d = xp + static_cast<int64_t>(t) * plane;
+      const uint8_t* src = xs + static_cast<int64_t>(t) * g.H * g.W;
+      std::fill(d, d + g.pT * Wp, 0.0f);
+      for (int64_t h = 0; h < g.H; ++h) {
+        float* r = d + (g.pT + h) * Wp;
+        std::fill(r, r + g.pL, 0.0f);
+        gemm::U8ToFloat(src + h * g.W, g.W, r + g.pL, isa_);
+        std::fill(r + g.pL + g.W, r + Wp, 0.0f);
+      }
+      std::fill(d + (g.pT + g.H) * Wp, d + plane, 0.0f);
+    });
+    if (direct) {
+      DirectPadded(ctx, g, xp, Wp, plane, w, af, y);
+    } else {
+      ShiftedGemm(ctx, g, xp, Wp, plane, w, af, y);
+    }
+  }
+
+  // Output [oh, ow] of a flat column q = oh * Wp + ow of a padded-plane result: kept if ow < OW.
+  static void StoreFlat(const float* src, int64_t q0, int64_t n, int64_t Wp, const Geom& g,
+                        const Affine& af, int64_t m, float* ym) {
+    const float s = af.scale[m * af.scale_step];
+    const float b = af.bias ? af.bias[m] : 0.0f;
+    int64_t q = q0, oh = q0 / Wp, ow = q0 % Wp;
+    while (q < q0 + n) {
+      const int64_t cnt = std::min(Wp - ow, q0 + n - q);
+      const int64_t keep = std::max<int64_t>(0, std::min(g.OW - ow, cnt));
+      float* dst = ym + oh * g.OW + ow;
+      const float* from = src + (q - q0);
+      for (int64_t k = 0; k < keep; ++k) dst[k] = s * from[k] + b;
+      q += cnt;
+      ++oh;
+      ow = 0;
+    }
+  }
+
+  // Stride 1, GEMM per kernel tap on shifted padded planes. Tasks: (n, group, column tile of the
+  // flat output [0, L), row chunk).
+  void ShiftedGemm(const Ort::KernelContext& ctx, const Geom& g, const float* xp, int64_t Wp,
+                   int64_t plane, const float* w, const Affine& af, float* y) const {
+    const int64_t L = (g.OH - 1) * Wp + g.OW;  // flat outputs oh * Wp + ow, ow < Wp
+    const int64_t hint = TaskHint();
+    int64_t CT = std::min<int64_t>(RoundUp(L, gemm::kColAlign), 256);
+    int64_t rows = RoundUp(g.Mg, gemm::MR);
+    auto count = [&] { return g.N * g.group * ((L + CT - 1) / CT) * ((g.Mg + rows - 1) / rows); };
+    while (count() < hint && rows > 4 * gemm::MR) rows = RoundUp(rows / 2, gemm::MR);
+    while (count() < hint && CT > 64) CT = RoundUp(CT / 2, gemm::kColAlign);
+    const int64_t tiles = (L + CT - 1) / CT, chunks = (g.Mg + rows - 1) / rows;
+    const Isa isa = isa_;
+    ParallelFor(ctx, static_cast<size_t>(count()), [&](size_t task) {
+      int64_t t = static_cast<int64_t>(task);
+      const int64_t chunk = t % chunks;
+      t /= chunks;
+      const int64_t tile = t % tiles;
+      t /= tiles;
+      const int64_t grp = t % g.group, n = t / g.group;
+      const int64_t r0 = chunk * rows, nrows = std::min(rows, g.Mg - r0);
+      const int64_t q0 = tile * CT, ct = std::min(CT, L - q0), ldc = RoundUp(ct, gemm::kColAlign);
+      const int64_t m0 = grp * g.Mg + r0;
+      const float* xg = xp + (n * g.C + grp * g.G) * plane + q0;
+      float* c = ThreadScratch<kConvTile>(nrows * ldc);
+      if (g.G == 0) std::fill(c, c + nrows * ldc, 0.0f);
+      bool first = true;
+      for (int64_t i = 0; i < g.kH; ++i) {
+        for (int64_t j = 0; j < g.kW; ++j) {
+          const float* a = w + ((i * g.kW + j) * g.M + m0) * g.G;
+          const float* b = xg + i * g.dH * Wp + j * g.dW;
+          for (int64_t c0 = 0; c0 < g.G; c0 += gemm::KC) {
+            const int64_t kc = std::min(gemm::KC, g.G - c0);
+            gemm::Multiply(a + c0, g.G, nrows, kc, b + c0 * plane, plane, ct, c, ldc, !first, isa);
+            first = false;
+          }
+        }
+      }
+      for (int64_t r = 0; r < nrows; ++r) {
+        StoreFlat(c + r * ldc, q0, ct, Wp, g, af, m0 + r, y + (n * g.M + m0 + r) * g.P);
+      }
+    });
+  }
+
+  // At most two output channels per group (depthwise), any stride: per (n, m) and per input
+  // channel and tap, stride 1: one axpy over the flat padded plane (then the wrapped columns
+  // dropped); other strides: a strided multiply-add per output row.
+  void DirectPadded(const Ort::KernelContext& ctx, const Geom& g, const float* xp, int64_t Wp,
+                    int64_t plane, const float* w, const Affine& af, float* y) const {
+    const bool stride1 = g.sH == 1 && g.sW == 1;
+    const int64_t L = stride1 ? (g.OH - 1) * Wp + g.OW : g.P;
+    const Isa isa = isa_;
+    ParallelFor(ctx, static_cast<size_t>(g.N * g.M), [&](size_t task) {
+      const int64_t n = static_cast<int64_t>(task) / g.M, m = static_cast<int64_t>(task) % g.M;
+      float* ym = y + (n * g.M + m) * g.P;
+      float* acc = stride1 ? ThreadScratch<kConvTile>(L) : ym;
+      std::fill(acc, acc + L, 0.0f);
+      const float* wm = w + m * g.R;
+      const float* xg = xp + (n * g.C + (m / g.Mg) * g.G) * plane;
+      for (int64_t c = 0; c < g.G; ++c) {
+        for (int64_t i = 0; i < g.kH; ++i) {
+          for (int64_t j = 0; j < g.kW; ++j) {
+            const float wv = wm[(c * g.kH + i) * g.kW + j];
+            const float* src = xg + c * plane + i * g.dH * Wp + j * g.dW;
+            if (stride1) {
+              gemm::Axpy(wv, src, L, acc, isa);
+              continue;
+            }
+            for (int64_t oh = 0; oh < g.OH; ++oh) {
+              const float* s = src + oh * g.sH * Wp;
+              float* o = acc + oh * g.OW;
+              for (int64_t ow = 0; ow < g.OW; ++ow) o[ow] += wv * s[ow * g.sW];
+            }
+          }
+        }
+      }
+      if (stride1) {
+        StoreFlat(acc, 0, L, Wp, g, af, m, ym);
+      } else {
+        Epilogue(ym, g.P, af, m);
+      }
+    });
   }
 
   void Gemm(const Ort::KernelContext& ctx, const Geom& g, const uint8_t* x, const float* w,
@@ -202,42 +328,6 @@ struct LutConv {
         gemm::Multiply(a + k0, g.R, nrows, kc, buf, ldb, pt, yt, g.P, k0 > 0, isa);
       }
       for (int64_t r = 0; r < nrows; ++r) Epilogue(yt + r * g.P, pt, af, m0 + r);
-    });
-  }
-
-  void Direct(const Ort::KernelContext& ctx, const Geom& g, const uint8_t* x, const float* w,
-              const Affine& af, float* y) const {
-    const Isa isa = isa_;
-    ParallelFor(ctx, static_cast<size_t>(g.N * g.M), [&](size_t task) {
-      const int64_t n = static_cast<int64_t>(task) / g.M, m = static_cast<int64_t>(task) % g.M;
-      float* out = y + (n * g.M + m) * g.P;
-      std::fill(out, out + g.P, 0.0f);
-      const float* wm = w + m * g.R;
-      const uint8_t* xg = x + (n * g.C + (m / g.Mg) * g.G) * g.H * g.W;
-      for (int64_t c = 0; c < g.G; ++c) {
-        const uint8_t* xc = xg + c * g.H * g.W;
-        for (int64_t i = 0; i < g.kH; ++i) {
-          for (int64_t j = 0; j < g.kW; ++j) {
-            const float wv = wm[(c * g.kH + i) * g.kW + j];
-            const int64_t off = j * g.dW - g.pL;
-            int64_t lo, hi;
-            ValidCols(off, g.sW, g.W, g.OW, &lo, &hi);
-            if (hi <= lo) continue;
-            for (int64_t oh = 0; oh < g.OH; ++oh) {
-              const int64_t ih = oh * g.sH - g.pT + i * g.dH;
-              if (ih < 0 || ih >= g.H) continue;
-              const uint8_t* src = xc + ih * g.W + lo * g.sW + off;
-              float* o = out + oh * g.OW + lo;
-              if (isa != Isa::kScalar) {
-                AxpyU8Avx2(src, g.sW, hi - lo, wv, o);
-              } else {
-                AxpyU8Scalar(src, g.sW, hi - lo, wv, o);
-              }
-            }
-          }
-        }
-      }
-      Epilogue(out, g.P, af, m);
     });
   }
 

@@ -2,7 +2,7 @@
 // X [N, Kin] (docs/onnx-ops.md). Small batches: each task decodes its weight rows one at a time
 // into a small float buffer and takes dot products with the (float) activation rows, so the
 // weights never exist unpacked in full. Larger batches: the weights are decoded once per Compute
-// into W^T [Kin, M] and multiplied with the blocked GEMM over (batch rows x output columns) tiles.
+// into a per-thread float scratch [M, Kin] and multiplied with X^T by the blocked GEMM.
 #include <algorithm>
 
 #include "common.h"
@@ -65,47 +65,53 @@ struct LutGemm {
     });
   }
 
+  // Y^T [M, N] = W [M, Kin] * X^T [Kin, N] in tiles (rows of W x columns of batch), each
+  // computed into a small buffer and written transposed into Y.
   void Gemm(const Ort::KernelContext& ctx, const Lut& lut, const uint8_t* x, int64_t N,
             float* y) const {
     const int64_t M = lut.M, Kin = lut.R;
-    // W^T [Kin, ldw] (padding columns zeroed), decoded by bands of 16 rows = 16 columns.
-    const int64_t ldw = RoundUp(std::max<int64_t>(M, 1), gemm::kColAlign);
-    float* wt = ThreadScratch<kGemmWeights>(CheckedMul(Kin, ldw, "weight size"));
     const Isa isa = isa_;
+    float* w = ThreadScratch<kGemmWeights>(CheckedMul(M, Kin, "weight size"));
     if (M * Kin > 0) {
-      const int64_t band = 16 * std::max<int64_t>(1, (1 << 15) / (16 * Kin));
-      ParallelFor(ctx, static_cast<size_t>((M + band - 1) / band), [&](size_t t) {
-        float* row = ThreadScratch<kGemmRow>(Kin);
-        const int64_t m0 = static_cast<int64_t>(t) * band;
-        for (int64_t m = m0; m < std::min(M, m0 + band); ++m) {
-          DecodeRow(lut, m, row, isa);
-          for (int64_t k = 0; k < Kin; ++k) wt[k * ldw + m] = row[k];
-        }
+      const int64_t rows_per_task = std::max<int64_t>(1, (1 << 15) / Kin);
+      ParallelFor(ctx, static_cast<size_t>((M + rows_per_task - 1) / rows_per_task), [&](size_t t) {
+        const int64_t m0 = static_cast<int64_t>(t) * rows_per_task;
+        for (int64_t m = m0; m < std::min(M, m0 + rows_per_task); ++m) DecodeRow(lut, m, w + m * Kin, isa);
       });
     }
-    for (int64_t k = 0; k < Kin; ++k) std::fill(wt + k * ldw + M, wt + (k + 1) * ldw, 0.0f);
     if (M == 0) return;
     if (Kin == 0) {
       std::fill(y, y + N * M, 0.0f);
       return;
     }
-    float* xf = ThreadScratch<kGemmX>(N * Kin);
-    gemm::U8ToFloat(x, N * Kin, xf, isa);
+    // X^T [Kin, ldx], padding columns zeroed.
+    const int64_t ldx = RoundUp(N, gemm::kColAlign);
+    float* xt = ThreadScratch<kGemmX>(CheckedMul(Kin, ldx, "activation size"));
+    for (int64_t k = 0; k < Kin; ++k) {
+      float* d = xt + k * ldx;
+      for (int64_t n = 0; n < N; ++n) d[n] = static_cast<float>(x[n * Kin + k]);
+      std::fill(d + N, d + ldx, 0.0f);
+    }
     const int64_t hint = TaskHint();
-    int64_t cols = std::min<int64_t>(ldw, 256);
-    int64_t rows = RoundUp(N, gemm::MR);
-    auto count = [&] { return ((N + rows - 1) / rows) * ((M + cols - 1) / cols); };
+    int64_t cols = std::min<int64_t>(ldx, 256);
+    int64_t rows = std::min<int64_t>(RoundUp(M, gemm::MR), 96);
+    auto count = [&] { return ((M + rows - 1) / rows) * ((N + cols - 1) / cols); };
     while (count() < hint && rows > 4 * gemm::MR) rows = RoundUp(rows / 2, gemm::MR);
     while (count() < hint && cols > 2 * gemm::kColAlign) cols = RoundUp(cols / 2, gemm::kColAlign);
-    const int64_t col_tiles = (M + cols - 1) / cols;
+    const int64_t col_tiles = (N + cols - 1) / cols;
     ParallelFor(ctx, static_cast<size_t>(count()), [&](size_t task) {
-      const int64_t r0 = static_cast<int64_t>(task) / col_tiles * rows;
-      const int64_t c0 = static_cast<int64_t>(task) % col_tiles * cols;
-      const int64_t nr = std::min(rows, N - r0), nc = std::min(cols, M - c0);
+      const int64_t m0 = static_cast<int64_t>(task) / col_tiles * rows;
+      const int64_t n0 = static_cast<int64_t>(task) % col_tiles * cols;
+      const int64_t nr = std::min(rows, M - m0), nc = std::min(cols, N - n0);
+      const int64_t ldc = RoundUp(nc, gemm::kColAlign);
+      float* c = ThreadScratch<kGemmTile>(nr * ldc);
       for (int64_t k0 = 0; k0 < Kin; k0 += gemm::KC) {
         const int64_t kc = std::min(gemm::KC, Kin - k0);
-        gemm::Multiply(xf + r0 * Kin + k0, Kin, nr, kc, wt + k0 * ldw + c0, ldw, nc,
-                       y + r0 * M + c0, M, k0 > 0, isa);
+        gemm::Multiply(w + m0 * Kin + k0, Kin, nr, kc, xt + k0 * ldx + n0, ldx, nc, c, ldc, k0 > 0,
+                       isa);
+      }
+      for (int64_t n = 0; n < nc; ++n) {
+        for (int64_t r = 0; r < nr; ++r) y[(n0 + n) * M + m0 + r] = c[r * ldc + n];
       }
     });
   }

@@ -49,4 +49,7 @@ inline void UnpackCodes(const uint8_t* row, int64_t row_bytes, int bits, int64_t
 // K <= 32 (AVX-512).
 void DecodeRow(const Lut& lut, int64_t m, float* out, Isa isa);
 
+// The same for codes [start, R) (start a multiple of 8) into out[start, R).
+void DecodeRowFrom(const Lut& lut, int64_t m, int64_t start, float* out, Isa isa);
+
 }  // namespace adq

@@ -1,0 +1,118 @@
+"""The adq format: ai.adq ops, row-packed codes; run through the NumPy reference."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx
+import pytest
+from export_helpers import (
+    MODEL_CASES,
+    assert_logits_match,
+    case_input,
+    initializers,
+    loaded,
+    onnx_model,
+    run_onnx,
+    torch_logits,
+)
+from onnx import TensorProto
+
+from exporters.write_adq import write_adq
+from runtime.packing import pack_rows, unpack_rows
+from runtime.schema import DOMAIN, register_onnx_schemas
+
+ADQ_OPS = {"ThresholdQuant", "LutConv", "LutGemm", "LutDequant"}
+
+
+@pytest.mark.parametrize("name", MODEL_CASES)
+def test_matches_the_pytorch_model(name):
+    """Mean |logit error| <= 1e-4 mean |logit| and the same top-1, on random inputs."""
+    ck, _ = loaded(name)
+    x = case_input(name, batch=5, seed=1)
+    ratio = assert_logits_match(run_onnx(onnx_model(name, "adq"), x), torch_logits(ck.model, x))
+    print(f"{name}: mean abs error / mean |logit| = {ratio:.2e}")
+
+
+@pytest.mark.parametrize("name", ["test_model", "resnet20"])
+def test_dynamic_batch(name):
+    """Batch 1 and batch 5 through the same model."""
+    ck, _ = loaded(name)
+    model = onnx_model(name, "adq")
+    x = case_input(name, batch=5, seed=2)
+    out5 = run_onnx(model, x)
+    out1 = run_onnx(model, x[:1])
+    assert out1.shape == (1, out5.shape[1]) and out5.shape[0] == 5
+    np.testing.assert_allclose(out1[0], out5[0], rtol=1e-5, atol=1e-6)
+    assert_logits_match(out1, torch_logits(ck.model, x[:1]))
+
+
+@pytest.mark.parametrize("name", MODEL_CASES)
+def test_codes_are_packed_rows(name):
+    """Codes: uint8 [M, ceil(R * bits / 8)] equal to runtime.packing.pack_rows."""
+    _, folded = loaded(name)
+    inits = initializers(onnx_model(name, "adq"))
+    for lname, layer in folded.layers.items():
+        t = inits[f"{lname}.codes"]
+        assert t.data_type == TensorProto.UINT8
+        m = layer.codes.shape[0]
+        r = layer.codes.size // m
+        assert list(t.dims) == [m, math.ceil(r * layer.bits / 8)]
+        packed = onnx.numpy_helper.to_array(t)
+        np.testing.assert_array_equal(packed, pack_rows(layer.codes, layer.bits))
+        np.testing.assert_array_equal(unpack_rows(packed, layer.bits, r), layer.codes.reshape(m, r))
+        book = onnx.numpy_helper.to_array(inits[f"{lname}.codebook"])
+        np.testing.assert_array_equal(book, layer.codebook)
+
+
+def test_three_bit_codes_are_not_padded():
+    _, folded = loaded("resnet20")
+    inits = initializers(onnx_model("resnet20", "adq"))
+    three = [n for n, lay in folded.layers.items() if lay.bits == 3]
+    assert three
+    for name in three:
+        r = folded.layers[name].codes[0].size
+        cols = inits[f"{name}.codes"].dims[1]
+        assert cols == math.ceil(r * 3 / 8) < math.ceil(r * 4 / 8)
+
+
+@pytest.mark.parametrize("name", MODEL_CASES)
+def test_graph_uses_the_adq_op_set(name):
+    model = onnx_model(name, "adq")
+    _, folded = loaded(name)
+    register_onnx_schemas()
+    onnx.checker.check_model(model)
+    assert {o.domain: o.version for o in model.opset_import} == {"": 20, DOMAIN: 1}
+    custom = [n for n in model.graph.node if n.domain == DOMAIN]
+    assert {n.op_type for n in custom} <= ADQ_OPS
+    assert all(n.domain in ("", DOMAIN) for n in model.graph.node)
+    assert not [n for n in model.graph.node if n.op_type == "QuantLayer"]
+    # one LutConv / LutGemm per layer with a quantized input, LutDequant for the others
+    with_act = sum(lay.act is not None for lay in folded.layers.values())
+    lut = [n for n in custom if n.op_type in ("LutConv", "LutGemm")]
+    assert len(lut) == with_act
+    assert len([n for n in custom if n.op_type == "ThresholdQuant"]) == with_act
+    assert len([n for n in custom if n.op_type == "LutDequant"]) == len(folded.layers) - with_act
+
+
+def test_float_input_layer_uses_lut_dequant():
+    """small_cnn's W8 first layer reads the float image: LutDequant + Conv."""
+    _, folded = loaded("small_cnn")
+    first = folded.layers["features.0.0"]
+    assert first.act is None and first.bits == 8
+    model = onnx_model("small_cnn", "adq")
+    (deq,) = [n for n in model.graph.node if n.op_type == "LutDequant"]
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in deq.attribute}
+    assert attrs == {"bits": 8, "shape": list(first.codes.shape)}
+    assert deq.input[0] == "features.0.0.codes"
+
+
+def test_writer_does_not_change_the_folded_model():
+    _, folded = loaded("test_model")
+    before = folded.skeleton.SerializeToString()
+    scales = {n: lay.out_scale.copy() for n, lay in folded.layers.items()}
+    write_adq(folded)
+    assert folded.skeleton.SerializeToString() == before
+    for n, lay in folded.layers.items():
+        np.testing.assert_array_equal(lay.out_scale, scales[n])

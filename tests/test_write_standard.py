@@ -1,0 +1,100 @@
+"""The standard format: stock ONNX only, low-bit code tensors, run through onnxruntime."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from export_helpers import (
+    MODEL_CASES,
+    assert_logits_match,
+    case_input,
+    initializers,
+    loaded,
+    onnx_model,
+    run_onnx,
+    torch_logits,
+)
+from onnx import TensorProto
+
+from exporters.write_standard import code_type, write_standard
+
+EXPECTED_CODE_TYPE = {  # opset -> bits -> code tensor type
+    25: {2: TensorProto.UINT2, 3: TensorProto.UINT4, 4: TensorProto.UINT4},
+    21: {2: TensorProto.UINT4, 3: TensorProto.UINT4, 4: TensorProto.UINT4},
+    17: {2: TensorProto.UINT8, 3: TensorProto.UINT8, 4: TensorProto.UINT8},
+}
+
+
+@pytest.mark.parametrize("name", MODEL_CASES)
+def test_matches_the_pytorch_model(name):
+    """Mean |logit error| <= 1e-4 mean |logit| and the same top-1, through onnxruntime."""
+    ck, _ = loaded(name)
+    x = case_input(name, batch=5, seed=1)
+    out = run_onnx(onnx_model(name, "standard"), x)
+    ratio = assert_logits_match(out, torch_logits(ck.model, x))
+    print(f"{name}: mean abs error / mean |logit| = {ratio:.2e}")
+
+
+@pytest.mark.parametrize("name", MODEL_CASES)
+def test_valid_and_default_domain_only(name):
+    model = onnx_model(name, "standard")
+    onnx.checker.check_model(model, full_check=True)
+    assert [(o.domain, o.version) for o in model.opset_import] == [("", 25)]
+    assert all(n.domain in ("", "ai.onnx") for n in model.graph.node)
+    assert not model.graph.value_info or all(v.name for v in model.graph.value_info)
+
+
+@pytest.mark.parametrize("opset", sorted(EXPECTED_CODE_TYPE, reverse=True))
+@pytest.mark.parametrize("name", ["resnet20", "test_model"])
+def test_code_types_and_onnxruntime_at_each_opset(name, opset):
+    """UINT2 for 2-bit and UINT4 for 3/4-bit codes at opset 25, UINT4 at 21, UINT8 at 17;
+    the model is valid and runs in onnxruntime at each."""
+    ck, folded = loaded(name)
+    model = onnx_model(name, "standard", opset)
+    onnx.checker.check_model(model, full_check=True)
+    assert [(o.domain, o.version) for o in model.opset_import] == [("", opset)]
+    inits = initializers(model)
+    for lname, layer in folded.layers.items():
+        t = inits[f"{lname}.codes"]
+        assert t.data_type == EXPECTED_CODE_TYPE[opset][layer.bits], (lname, layer.bits)
+        assert t.data_type == code_type(layer.bits, opset)
+        assert list(t.dims) == list(layer.codes.shape)
+        np.testing.assert_array_equal(onnx.numpy_helper.to_array(t), layer.codes)
+        if t.data_type != TensorProto.UINT8:  # sub-byte: packed two (four) per byte
+            per_byte = 8 // (2 if t.data_type == TensorProto.UINT2 else 4)
+            assert len(t.raw_data) == -(-layer.codes.size // per_byte)
+    x = case_input(name, batch=3, seed=opset)
+    assert_logits_match(run_onnx(model, x), torch_logits(ck.model, x))
+
+
+def test_every_bit_width_is_exercised():
+    _, folded = loaded("resnet20")
+    assert {lay.bits for lay in folded.layers.values()} == {2, 3, 4}
+
+
+@pytest.mark.parametrize("name", ["test_model", "resnet20"])
+def test_dynamic_batch(name):
+    ck, _ = loaded(name)
+    model = onnx_model(name, "standard")
+    x = case_input(name, batch=5, seed=2)
+    out5 = run_onnx(model, x)
+    out1 = run_onnx(model, x[:1])
+    assert out5.shape[0] == 5 and out1.shape == (1, out5.shape[1])
+    np.testing.assert_allclose(out1[0], out5[0], rtol=1e-5, atol=1e-6)
+    assert_logits_match(out1, torch_logits(ck.model, x[:1]))
+
+
+def test_eight_bit_layers_use_uint8_codes():
+    """small_cnn's W8 edge layers cannot use a sub-byte type at any opset."""
+    _, folded = loaded("small_cnn")
+    inits = initializers(onnx_model("small_cnn", "standard"))
+    for lname, layer in folded.layers.items():
+        expected = TensorProto.UINT8 if layer.bits == 8 else TensorProto.UINT2
+        assert inits[f"{lname}.codes"].data_type == expected
+
+
+def test_opset_too_old_is_refused():
+    _, folded = loaded("test_model")
+    with pytest.raises(ValueError, match="too old"):
+        write_standard(folded, 12)
