@@ -203,12 +203,15 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if "weights only" in str(e).lower() or "weights_only" in str(e).lower():
+        # The weights-only unpickler names the class or function it refused to load.
+        if "unsupported global" in str(e).lower() or "GLOBAL" in str(e):
             raise CheckpointError(
                 f"{path}: refused: the file holds pickled objects outside the safe "
                 "weights-only set (possibly code); nothing in it was run"
             ) from None
-        raise CheckpointError(f"{path}: not a torch checkpoint ({_first_line(e)})") from None
+        raise CheckpointError(
+            f"{path}: not a readable torch checkpoint, or truncated/corrupt (unpickling failed)"
+        ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError) as e:
         raise CheckpointError(
             f"{path}: not a readable torch checkpoint, or truncated/corrupt ({_first_line(e)})"

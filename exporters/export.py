@@ -187,7 +187,11 @@ def export(
         model = simplify(model)
         compact_names(model)  # onnxsim adds value_info back
     register_onnx_schemas()
-    onnx.checker.check_model(model, full_check=fmt != "adq")
+    try:
+        onnx.checker.check_model(model, full_check=fmt != "adq")
+    except onnx.checker.ValidationError as e:  # not a ValueError: would be a CLI traceback
+        first = (str(e).strip().splitlines() or ["invalid model"])[0]
+        raise ValueError(f"the exported {fmt} graph is not valid ONNX: {first}") from None
     size = write(model, out)
     fp32_size = len(fp32_onnx(ck).SerializeToString())
     return ExportResult(out, fmt, size, fp32_size, folded, time.perf_counter() - start)

@@ -12,6 +12,8 @@ import onnx
 from onnx import TensorProto, helper
 
 from .fold import FoldedLayer, FoldedModel
+from .graph import constant_value, remove_unused
+from .skeleton import SKELETON_OPSET
 from .writer import affine_nodes, init, replace_placeholders, set_metadata, set_opsets
 
 DEFAULT_OPSET = 25
@@ -102,10 +104,76 @@ def write_standard(folded: FoldedModel, opset: int = DEFAULT_OPSET) -> onnx.Mode
             f"--opset {opset} is too old for the standard format (needs >= {MIN_OPSET})"
         )
     model = replace_placeholders(folded, emitter(opset))
+    fit_skeleton_nodes(model.graph, opset)
     set_opsets(model, opset, adq_domain=False)
     model.ir_version = max(model.ir_version, _ir_version(opset))
     set_metadata(model, folded, "standard", {"opset": opset})
     return model
+
+
+# Reductions whose `axes` moved from an attribute to an input at opset 18 (ReduceSum: at 13).
+AXES_INPUT_SINCE_18 = {
+    "ReduceL1",
+    "ReduceL2",
+    "ReduceLogSum",
+    "ReduceLogSumExp",
+    "ReduceMax",
+    "ReduceMean",
+    "ReduceMin",
+    "ReduceProd",
+    "ReduceSumSquare",
+}
+
+
+# Integer attributes added at an opset (default 0): left out below it.
+NEW_INT_ATTRIBUTES = {
+    ("BatchNormalization", "training_mode"): 14,
+    ("Reshape", "allowzero"): 14,
+    **{(op, "noop_with_empty_axes"): 18 for op in AXES_INPUT_SINCE_18},
+}
+
+
+def fit_skeleton_nodes(graph: onnx.GraphProto, opset: int) -> None:
+    """Rewrite the skeleton's nodes (exported at opset SKELETON_OPSET) whose form differs at an
+    older opset: BatchNormalization's `training_mode` and Reshape's `allowzero` (since 14) are
+    left out, the axes input of the reductions (since 18) becomes their `axes` attribute;
+    same semantics. (Relabeling the skeleton's opset is otherwise valid from 13 on.)"""
+    if opset >= SKELETON_OPSET:
+        return
+    for node in graph.node:
+        if node.domain not in ("", "ai.onnx"):
+            continue
+        for attr in list(node.attribute):
+            since = NEW_INT_ATTRIBUTES.get((node.op_type, attr.name))
+            if since is not None and opset < since:
+                if attr.i:  # only the default (0) means the same at the older version
+                    raise ValueError(
+                        f"--opset {opset}: {node.op_type} with {attr.name}={attr.i} "
+                        f"needs opset >= {since}"
+                    )
+                node.attribute.remove(attr)
+        if node.op_type in AXES_INPUT_SINCE_18 and opset < 18:
+            if len(node.input) > 1 and node.input[1]:
+                axes = _constant(graph, node.input[1])
+                if axes is None:
+                    raise ValueError(
+                        f"--opset {opset}: {node.op_type} with computed axes needs opset >= 18"
+                    )
+                del node.input[1:]
+                node.attribute.append(helper.make_attribute("axes", [int(a) for a in axes]))
+    remove_unused(graph)
+
+
+def _constant(graph: onnx.GraphProto, name: str) -> np.ndarray | None:
+    """The value of an initializer or of a Constant node's tensor, else None."""
+    value = constant_value(graph, name)
+    if value is not None:
+        return value
+    for node in graph.node:
+        if node.op_type == "Constant" and node.output[0] == name:
+            attr = next((a for a in node.attribute if a.name == "value"), None)
+            return None if attr is None else onnx.numpy_helper.to_array(attr.t)
+    return None
 
 
 def _ir_version(opset: int) -> int:

@@ -162,6 +162,11 @@ def test_not_a_checkpoint(tmp_path):
     text = tmp_path / "notes.txt"
     text.write_text("hello")
     assert "truncated/corrupt" in _message(text)
+    noise = tmp_path / "noise.pt"
+    noise.write_bytes(bytes(range(256)) * 3)
+    msg = _message(noise)
+    assert "not a torch checkpoint" in msg or "truncated/corrupt" in msg
+    assert "code" not in msg
     other = tmp_path / "other.pt"
     torch.save({"weights": torch.zeros(3)}, other)
     assert "not an adq-deploy checkpoint" in _message(other)

@@ -111,3 +111,19 @@ def test_kd_loss_matches_definition():
 def test_train_args_validation():
     with pytest.raises(ValueError, match="allocation"):
         TrainArgs(allocation="magic")
+
+
+def test_torchrun_data_parallel(tmp_path):
+    """Two gloo processes on the CPU: same allocation on both ranks, one checkpoint from rank 0."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp.pt"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    args = [a for a in QUICK if a not in ("--avg-bits", "2.5")]
+    cmd = [*torchrun, "-m", "adq_deploy.cli", "train", "-o", str(out), *args, "--qat-epochs", "1"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    ck = load_checkpoint(out)
+    assert ck.metrics["history"]["qat"] and average_bits(ck.model).param_weighted <= 2.81 + 1e-9
+    assert ck.provenance["train_args"]["avg_bits"] == 2.81

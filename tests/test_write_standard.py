@@ -5,18 +5,30 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+import torch
 from export_helpers import (
     MODEL_CASES,
     assert_logits_match,
     case_input,
     initializers,
     loaded,
+    one_thread,
     onnx_model,
     run_onnx,
+    safe_input,
+    tmp_dir,
     torch_logits,
+    trained_like,
 )
 from onnx import TensorProto
+from torch import nn
 
+from adq_deploy import models
+from adq_deploy.checkpoint import load_checkpoint, save_checkpoint
+from adq_deploy.models.registry import unregister
+from adq_deploy.quant import QuantConfig, quantize_model
+from exporters.export import simplify
+from exporters.fold import fold
 from exporters.write_standard import code_type, write_standard
 
 EXPECTED_CODE_TYPE = {  # opset -> bits -> code tensor type
@@ -98,3 +110,55 @@ def test_opset_too_old_is_refused():
     _, folded = loaded("test_model")
     with pytest.raises(ValueError, match="too old"):
         write_standard(folded, 12)
+
+
+class _OldOpsetNet(nn.Module):
+    """Skeleton ops whose form changed after opset 13: an unfolded BatchNormalization
+    (training_mode, 14), Reshape (allowzero, 14) and ReduceMean (axes as an input, 18)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 8, 3, padding=1)
+        self.body = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8 * 4, 3)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        t = self.body(x)
+        x = torch.relu(self.bn(t) + t)  # two consumers: the BN stays a node
+        x = x.mean(2).reshape(x.shape[0], -1)  # [N, 8, 4] -> [N, 32]
+        return self.fc(x[:, :32])
+
+
+@pytest.fixture(scope="module")
+def old_opset_net():
+    models.register("adq_old_opset_net", _OldOpsetNet)
+    try:
+        with one_thread():
+            torch.manual_seed(0)
+            model = quantize_model(models.get("adq_old_opset_net"), QuantConfig(w_bits=3))
+            trained_like(model, (1, 6, 4), steps=2)
+            path = save_checkpoint(model, tmp_dir() / "old_opset.pt", input_shape=[1, 6, 4])
+            ck = load_checkpoint(path)
+            yield ck, fold(ck)
+    finally:
+        unregister("adq_old_opset_net")
+
+
+@pytest.mark.parametrize("opset", [13, 17, 21])
+@pytest.mark.parametrize("simplified", [False, True])
+def test_old_opsets_rewrite_the_skeleton_nodes(old_opset_net, opset, simplified):
+    ck, folded = old_opset_net
+    assert not folded.layers["body"].bn_folded
+    model = write_standard(folded, opset)
+    if simplified:
+        model = simplify(model)
+    onnx.checker.check_model(model, full_check=True)
+    ops = {n.op_type: n for n in model.graph.node}
+    if not simplified:
+        assert {"BatchNormalization", "ReduceMean", "Reshape"} <= set(ops)
+        mean_axes = [a for a in ops["ReduceMean"].attribute if a.name == "axes"]
+        assert (len(ops["ReduceMean"].input), len(mean_axes)) == ((1, 1) if opset < 18 else (2, 0))
+    x = safe_input(ck.model, folded, (1, 6, 4), batch=3)
+    assert_logits_match(run_onnx(model, x), torch_logits(ck.model, x))
