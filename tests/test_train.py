@@ -16,10 +16,28 @@ from adq_deploy.quant import average_bits
 from adq_deploy.train import TrainArgs, evaluate, kd_loss
 
 QUICK = [
-    "--model", "small_cnn", "--model-kwargs", '{"width": 8}', "--train-limit", "1024",
-    "--test-limit", "256", "--fp32-epochs", "2", "--qat-epochs", "1", "--batch-size", "64",
-    "--lr", "0.05", "--sensitivity-batches", "1", "--no-progress", "--no-compile",
-    "--avg-bits", "2.5",
+    "--model",
+    "small_cnn",
+    "--model-kwargs",
+    '{"width": 8}',
+    "--train-limit",
+    "1024",
+    "--test-limit",
+    "256",
+    "--fp32-epochs",
+    "2",
+    "--qat-epochs",
+    "1",
+    "--batch-size",
+    "64",
+    "--lr",
+    "0.05",
+    "--sensitivity-batches",
+    "1",
+    "--no-progress",
+    "--no-compile",
+    "--avg-bits",
+    "2.5",
 ]
 
 
@@ -64,8 +82,20 @@ def test_train_from_teacher_and_ablation_switches(trained, tmp_path):
     out, _ = trained
     teacher = str(out.with_name("ck.fp32.pt"))
     ab = tmp_path / "ab.pt"
-    args = [*QUICK, "--teacher", teacher, "--act", "lsq", "--no-ema", "--w-init", "uniform",
-            "--allocation", "fixed", "--w-bits", "3"]
+    args = [
+        *QUICK,
+        "--teacher",
+        teacher,
+        "--act",
+        "lsq",
+        "--no-ema",
+        "--w-init",
+        "uniform",
+        "--allocation",
+        "fixed",
+        "--w-bits",
+        "3",
+    ]
     result = CliRunner().invoke(train_main, ["-o", str(ab), *args])
     assert result.exit_code == 0, result.output
     ck = load_checkpoint(ab)

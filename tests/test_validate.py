@@ -1,0 +1,123 @@
+"""adq-validate: the report's numbers, the parity gates and the exit codes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from adq_deploy import models
+from adq_deploy.checkpoint import save_checkpoint
+from adq_deploy.cli import validate_main
+from adq_deploy.quant import QuantConfig, quantize_model
+from exporters.export import export
+from runtime.validate import Report, Thresholds, check, model_format
+
+META = {"input_shape": [1, 28, 28], "mean": [0.2860406], "std": [0.3530242]}
+FAST = ["--samples", "128", "--batch-sizes", "1,4", "--latency-runs", "2", "--no-progress"]
+
+
+def _checkpoint(path, seed):
+    torch.manual_seed(seed)
+    m = quantize_model(models.get("small_cnn", width=8), QuantConfig(w_bits=4, a_bits=4))
+    opt = torch.optim.SGD(m.parameters(), lr=0.05)
+    m.train()
+    for i in range(4):
+        x = torch.rand(16, 1, 28, 28, generator=torch.Generator().manual_seed(i)) * 2 - 0.8
+        loss = torch.nn.functional.cross_entropy(m(x), torch.arange(16) % 10)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return save_checkpoint(m.eval(), path, **META)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    d = tmp_path_factory.mktemp("validate")
+    ck = _checkpoint(d / "a.pt", 0)
+    other = _checkpoint(d / "b.pt", 1)
+    onnx_paths = {fmt: export(ck, d / f"a.{fmt}.onnx", fmt=fmt).path for fmt in ("adq", "standard")}
+    return ck, other, onnx_paths
+
+
+@pytest.mark.parametrize("fmt", ["adq", "standard"])
+def test_report_and_pass(exported, tmp_path, fmt):
+    ck, _, paths = exported
+    report_path = tmp_path / "r.json"
+    args = [
+        str(paths[fmt]),
+        "--checkpoint",
+        str(ck),
+        *FAST,
+        "--report",
+        str(report_path),
+        "--min-agreement",
+        "95",
+        "--max-logit-error",
+        "0.05",
+    ]
+    result = CliRunner().invoke(validate_main, args)
+    assert result.exit_code == 0, result.output
+    assert "PASS" in result.output
+    r = json.loads(report_path.read_text())
+    assert r["format"] == fmt and r["samples"] == 128 and r["passed"] is True
+    assert r["agreement"] >= 95 and r["max_abs_logit_error"] >= r["mean_abs_logit_error"] >= 0
+    assert set(r["latency_ms"]) == {"1", "4"}
+    assert all(v > 0 for lat in r["latency_ms"].values() for v in lat.values())
+    assert all(v > 0 for v in r["session_peak_rss_mb"].values())
+    assert r["file_size_bytes"] == paths[fmt].stat().st_size
+    assert abs(r["torch_top1"] - r["onnx_top1"]) <= 100 - r["agreement"] + 1e-9
+
+
+def test_wrong_checkpoint_fails_the_gate(exported):
+    ck, other, paths = exported
+    result = CliRunner().invoke(
+        validate_main, [str(paths["standard"]), "--checkpoint", str(other), *FAST]
+    )
+    assert result.exit_code == 1, result.output
+    assert "FAIL" in result.output
+
+
+def test_bad_input_exits_2(exported, tmp_path):
+    ck, _, _ = exported
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"\x00\x01not onnx")
+    for model in (tmp_path / "missing.onnx", junk):
+        result = CliRunner().invoke(validate_main, [str(model), "--checkpoint", str(ck), *FAST])
+        assert result.exit_code == 2, result.output
+        lines = [ln for ln in result.output.splitlines() if ln.strip()]
+        assert len(lines) == 1 and lines[0].startswith("error:")
+
+
+def test_gates():
+    base = dict(
+        model="m",
+        checkpoint="c",
+        format="adq",
+        samples=10,
+        torch_top1=90.0,
+        onnx_top1=90.0,
+        agreement=100.0,
+        max_abs_logit_error=0.0,
+        mean_abs_logit_error=1e-6,
+        mean_abs_logit=1.0,
+        disagreements=[],
+        latency_ms={},
+        throughput_ips={},
+        file_size_bytes=1,
+        session_peak_rss_mb={},
+        thresholds={},
+    )
+    assert check(Report(**base), Thresholds()) == []
+    assert len(check(Report(**{**base, "agreement": 99.0}), Thresholds())) == 1
+    assert len(check(Report(**{**base, "mean_abs_logit_error": 1e-3}), Thresholds())) == 1
+    assert len(check(Report(**{**base, "onnx_top1": 80.0}), Thresholds())) == 1
+
+
+def test_model_format_reads_metadata(exported):
+    import onnx
+
+    _, _, paths = exported
+    assert model_format(onnx.load(str(paths["adq"]))) == "adq"
