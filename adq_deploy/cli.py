@@ -173,7 +173,10 @@ def train_main(**kw: Any) -> None:
     from .train import TrainArgs, run
 
     args = TrainArgs(**kw)
-    run(args, command=shlex.join(["adq-train", *sys.argv[1:]]))
+    argv = sys.argv[1:]
+    if argv[:1] == ["train"]:  # invoked as `adq train ...` or `python -m adq_deploy.cli train`
+        argv = argv[1:]
+    run(args, command=shlex.join(["adq-train", *argv]))
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -45,6 +44,8 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
 from adq_deploy import models  # noqa: E402
 from adq_deploy.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from adq_deploy.quant import N2UQ, QuantConfig, quantize_model  # noqa: E402
+from benchmarks.machine import machine_info, machine_line  # noqa: E402
+from runtime.validate import time_calls  # noqa: E402
 
 VARIANTS = ("eager", "fp32", "ort-int8", "adq", "standard", "int8")
 LABELS = {
@@ -60,52 +61,6 @@ DEFAULT_CHECKPOINTS = ("examples/fmnist_resnet20_adq.pt", "runs/fmnist/adq-shipp
 
 # --------------------------------------------------------------------------------------------
 # Machine
-
-
-def machine_info(threads: int) -> dict[str, Any]:
-    """CPU model, the SIMD flags that matter here, core count, versions and load."""
-    model, flags = "", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and not model:
-                model = value.strip()
-            elif key.strip() == "flags" and not flags:
-                flags = set(value.split())
-    except OSError:
-        pass
-    import onnxruntime as ort
-
-    wanted = (
-        "avx2",
-        "fma",
-        "avx512f",
-        "avx512bw",
-        "avx512vl",
-        "avx512_vnni",
-        "avx_vnni",
-        "amx_int8",
-    )
-    return {
-        "cpu": model or platform.processor() or "unknown",
-        "simd": {f: f in flags for f in wanted},
-        "cores": os.cpu_count(),
-        "threads": threads,
-        "loadavg_start": os.getloadavg(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "onnxruntime": ort.__version__,
-    }
-
-
-def machine_line(info: dict[str, Any]) -> str:
-    simd = ", ".join(f for f, ok in info["simd"].items() if ok) or "none of AVX2/AVX-512"
-    return (
-        f"machine: {info['cpu']}; {info['cores']} logical cores; SIMD: {simd}; "
-        f"threads used: {info['threads']} (torch and onnxruntime intra-op); "
-        f"load average at start {', '.join(f'{v:.2f}' for v in info['loadavg_start'])}; "
-        f"torch {info['torch']}, onnxruntime {info['onnxruntime']}"
-    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -319,17 +274,6 @@ def peak_mb(v: Variant, batch: int, shape: list[int], threads: int) -> float | N
 # Timing
 
 
-def time_block(fn, runs: int, warmup: int) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return times
-
-
 def agreement(a: np.ndarray, b: np.ndarray) -> float:
     """Top-1 agreement (%) of two logit batches."""
     return float(100.0 * np.mean(a.argmax(1) == b.argmax(1)))
@@ -365,7 +309,7 @@ def measure(
         names = list(fns)
         for r in range(rounds):
             for n in names[r % len(names) :] + names[: r % len(names)]:
-                ts = time_block(fns[n], runs, warmup=1)
+                ts = time_calls(fns[n], runs, warmup=1)
                 times[n].extend(ts)
                 medians[n].append(float(np.median(ts)) * 1e3)
         fp32_p50 = float(np.percentile(times["fp32"], 50)) * 1e3

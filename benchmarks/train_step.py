@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -37,42 +36,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
+from benchmarks.machine import machine_info  # noqa: E402
+
 VARIANTS = ("fp32", "adq-eager", "adq-fused")
-
-
-def machine_info(threads: int) -> dict[str, Any]:
-    """CPU model, AVX2 / AVX-512 flags, core count, thread count, versions, load."""
-    import torch
-
-    model, flags = "unknown", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and model == "unknown":
-                model = value.strip()
-            elif key.strip() == "flags" and not flags:
-                flags = set(value.split())
-    except OSError:
-        pass
-    wanted = (
-        "avx2",
-        "fma",
-        "avx512f",
-        "avx512bw",
-        "avx512vl",
-        "avx512_vnni",
-        "avx_vnni",
-        "amx_int8",
-    )
-    return {
-        "cpu": model,
-        "simd": {f: f in flags for f in wanted},
-        "cores": os.cpu_count(),
-        "threads": threads,
-        "loadavg_start": os.getloadavg(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-    }
 
 
 def build_variants(w_bits: int, a_bits: int, seed: int, total_steps: int) -> dict[str, Any]:

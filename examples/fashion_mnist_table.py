@@ -2,7 +2,7 @@
 and the ablation rows, each trained by adq-train and evaluated again from its checkpoint.
 
     python examples/fashion_mnist_table.py [--out runs/fmnist] [--fp32-epochs 12]
-        [--qat-epochs 12] [--ablation-epochs 2] [--device auto]
+        [--qat-epochs 12] [--ablation-epochs 1] [--device auto]
 
 Rows whose checkpoint exists are not retrained (delete them to start over). Logs go to
 OUT/<row>.log; the table is printed as Markdown and written to OUT/results.json.
@@ -46,7 +46,7 @@ def _evaluate(ckpt: Path) -> dict:
 @click.option("--model", default="resnet20")
 @click.option("--fp32-epochs", default=12, type=int)
 @click.option("--qat-epochs", default=12, type=int, help="QAT epochs of the shipped checkpoint.")
-@click.option("--ablation-epochs", default=2, type=int, help="QAT epochs of every table row.")
+@click.option("--ablation-epochs", default=1, type=int, help="QAT epochs of every table row.")
 @click.option("--a-bits", default=2, type=int)
 @click.option("--seed", default=0, type=int)
 @click.option("--device", default="auto")
