@@ -12,9 +12,14 @@ the traced values are exactly the PyTorch model's.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
+import os
+import sys
+import tempfile
 import warnings
+from collections.abc import Iterator
 
 import onnx
 import torch
@@ -65,6 +70,29 @@ def with_placeholders(model: nn.Module) -> tuple[nn.Module, list[str]]:
     return model, names
 
 
+@contextlib.contextmanager
+def _quiet_native_stderr() -> Iterator[None]:
+    """Hold back what C++ prints on stderr while tracing; replay it only if the export fails.
+
+    Tracing the ADQ layers' internals (searchsorted, bucketize, ...) makes the TorchScript
+    exporter print hundreds of warnings about ops it then drops as dead code.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            os.dup2(saved, 2)
+            held.seek(0)
+            sys.stderr.write(held.read().decode(errors="replace")[-20000:])
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
 def export_skeleton(
     model: nn.Module, input_shape: list[int] | tuple[int, ...], batch: int = 1
 ) -> onnx.ModelProto:
@@ -72,7 +100,7 @@ def export_skeleton(
     wrapped, _ = with_placeholders(model)
     example = torch.zeros(batch, *input_shape)
     buf = io.BytesIO()
-    with warnings.catch_warnings(), torch.no_grad():
+    with warnings.catch_warnings(), torch.no_grad(), _quiet_native_stderr():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
         torch.onnx.export(
             wrapped,
