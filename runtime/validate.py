@@ -29,8 +29,10 @@ class Thresholds:
     """Parity gates: below min_agreement (%) or above max_logit_error (ratio) fails."""
 
     min_agreement: float = 99.9
-    max_logit_error: float = 1e-4  # mean |onnx - torch| / mean |torch logit|
+    max_logit_error: float = 1e-4  # mean |onnx - torch| / mean |torch logit|, flips excluded
     max_accuracy_drop: float = 0.5  # percentage points, ONNX below PyTorch
+    flip_error: float = 1e-3  # a sample whose max logit error exceeds this x mean |logit|
+    tie_distance: float = 1e-6  # is explained by an activation this close to a threshold
 
 
 @dataclass
@@ -47,6 +49,9 @@ class Report:
     max_abs_logit_error: float
     mean_abs_logit_error: float
     mean_abs_logit: float
+    mean_abs_logit_error_no_flips: float
+    flip_samples: int
+    unexplained_flips: list[int]
     disagreements: list[dict[str, Any]]
     latency_ms: dict[str, dict[str, float]]
     throughput_ips: dict[str, dict[str, float]]
@@ -78,11 +83,14 @@ def make_session(path: str | Path, fmt: str, threads: int | None = None) -> ort.
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
-def threshold_distance(model: torch.nn.Module, x: torch.Tensor) -> np.ndarray:
-    """Per sample: the smallest relative distance of any N2UQ input to one of its thresholds.
+def logits_and_tie_distance(
+    model: torch.nn.Module, x: torch.Tensor
+) -> tuple[np.ndarray, np.ndarray]:
+    """Logits and, per sample, the smallest relative distance of any N2UQ input to a threshold.
 
-    A disagreement whose sample has an activation within float rounding of a threshold is
-    explained by that activation changing level under a different summation order.
+    A sample whose ONNX logits differ by more than float rounding is explained when one of its
+    activations lies within rounding distance of a threshold: a different summation order
+    puts it on the other side, one level up or down, and the change propagates.
     """
     dist = torch.full((x.shape[0],), float("inf"))
 
@@ -95,11 +103,11 @@ def threshold_distance(model: torch.nn.Module, x: torch.Tensor) -> np.ndarray:
     handles = [m.register_forward_pre_hook(hook) for m in model.modules() if isinstance(m, N2UQ)]
     try:
         with torch.no_grad():
-            model(x)
+            logits = model(x)
     finally:
         for h in handles:
             h.remove()
-    return dist.numpy()
+    return logits.numpy(), dist.numpy()
 
 
 def _percentiles(times: list[float]) -> dict[str, float]:
@@ -162,19 +170,19 @@ def validate(
 
     t_logits, o_logits, labels, dists = [], [], [], []
     for x, y in tqdm(loader, desc="parity", disable=not progress, leave=False):
-        with torch.no_grad():
-            t = torch_model(x).numpy()
-        o = sess.run(None, {input_name: x.numpy()})[0]
+        t, d = logits_and_tie_distance(torch_model, x)
         t_logits.append(t)
-        o_logits.append(o)
+        o_logits.append(sess.run(None, {input_name: x.numpy()})[0])
         labels.append(y.numpy())
-        disagree = t.argmax(1) != o.argmax(1)
-        dists.append(threshold_distance(torch_model, x[disagree]) if disagree.any() else None)
+        dists.append(d)
     t_all, o_all, y_all = np.concatenate(t_logits), np.concatenate(o_logits), np.concatenate(labels)
-    disagree_idx = np.flatnonzero(t_all.argmax(1) != o_all.argmax(1))
-    dist_all = np.concatenate([d for d in dists if d is not None]) if len(disagree_idx) else []
+    dist_all = np.concatenate(dists)
+    err = np.abs(o_all - t_all)
+    mean_abs_logit = float(np.abs(t_all).mean())
+    flipped = err.max(1) > thresholds.flip_error * mean_abs_logit
+    explained = dist_all <= thresholds.tie_distance
     disagreements = []
-    for i, d in zip(disagree_idx, dist_all, strict=True):
+    for i in np.flatnonzero(t_all.argmax(1) != o_all.argmax(1)):
         top2 = np.sort(t_all[i])[-2:]
         disagreements.append(
             {
@@ -183,8 +191,8 @@ def validate(
                 "torch": int(t_all[i].argmax()),
                 "onnx": int(o_all[i].argmax()),
                 "torch_top2_margin": float(top2[1] - top2[0]),
-                "min_threshold_distance": float(d),
-                "explained": bool(d < 1e-4),
+                "min_threshold_distance": float(dist_all[i]),
+                "explained": bool(explained[i]),
             }
         )
 
@@ -215,9 +223,12 @@ def validate(
         torch_top1=100.0 * float((t_all.argmax(1) == y_all).mean()),
         onnx_top1=100.0 * float((o_all.argmax(1) == y_all).mean()),
         agreement=100.0 * float((t_all.argmax(1) == o_all.argmax(1)).mean()),
-        max_abs_logit_error=float(np.abs(o_all - t_all).max()),
-        mean_abs_logit_error=float(np.abs(o_all - t_all).mean()),
-        mean_abs_logit=float(np.abs(t_all).mean()),
+        max_abs_logit_error=float(err.max()),
+        mean_abs_logit_error=float(err.mean()),
+        mean_abs_logit=mean_abs_logit,
+        mean_abs_logit_error_no_flips=float(err[~flipped].mean()) if (~flipped).any() else 0.0,
+        flip_samples=int(flipped.sum()),
+        unexplained_flips=[int(i) for i in np.flatnonzero(flipped & ~explained)],
         disagreements=disagreements,
         latency_ms=latency,
         throughput_ips=throughput,
@@ -234,10 +245,16 @@ def check(report: Report, thresholds: Thresholds) -> list[str]:
     failures = []
     if report.agreement < thresholds.min_agreement:
         failures.append(f"top-1 agreement {report.agreement:.3f}% < {thresholds.min_agreement}%")
-    ratio = report.mean_abs_logit_error / max(report.mean_abs_logit, 1e-12)
+    ratio = report.mean_abs_logit_error_no_flips / max(report.mean_abs_logit, 1e-12)
     if ratio > thresholds.max_logit_error:
         failures.append(
-            f"mean logit error {ratio:.2e} x mean |logit| > {thresholds.max_logit_error}"
+            f"mean logit error (level flips excluded) {ratio:.2e} x mean |logit| > "
+            f"{thresholds.max_logit_error}"
+        )
+    if report.unexplained_flips:
+        failures.append(
+            f"{len(report.unexplained_flips)} samples differ by more than rounding without an "
+            f"activation on a threshold (e.g. #{report.unexplained_flips[0]})"
         )
     drop = report.torch_top1 - report.onnx_top1
     if drop > thresholds.max_accuracy_drop:
@@ -255,9 +272,13 @@ def format_report(report: Report) -> str:
         f"{'':<28}{'PyTorch':>12}{'ONNX':>12}",
         f"{'top-1 accuracy (%)':<28}{report.torch_top1:>12.2f}{report.onnx_top1:>12.2f}",
         f"top-1 agreement {report.agreement:.2f}% ({len(report.disagreements)} disagreements, "
-        f"{sum(d['explained'] for d in report.disagreements)} on a threshold within 1e-4)",
+        f"{sum(d['explained'] for d in report.disagreements)} explained by a threshold tie)",
         f"logit error: max {report.max_abs_logit_error:.3g}, mean "
         f"{report.mean_abs_logit_error:.3g} (mean |logit| {report.mean_abs_logit:.3g})",
+        f"level flips: {report.flip_samples} samples differ by more than rounding, "
+        f"{report.flip_samples - len(report.unexplained_flips)} explained by an activation within "
+        f"{report.thresholds['tie_distance']:g} of a threshold; mean logit error without them "
+        f"{report.mean_abs_logit_error_no_flips:.3g}",
         f"{'batch':<8}{'torch p50 ms':>14}{'torch p90':>11}{'onnx p50 ms':>13}{'onnx p90':>10}"
         f"{'onnx img/s':>12}{'session MB':>12}",
     ]

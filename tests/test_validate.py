@@ -103,6 +103,9 @@ def test_gates():
         max_abs_logit_error=0.0,
         mean_abs_logit_error=1e-6,
         mean_abs_logit=1.0,
+        mean_abs_logit_error_no_flips=1e-6,
+        flip_samples=0,
+        unexplained_flips=[],
         disagreements=[],
         latency_ms={},
         throughput_ips={},
@@ -112,7 +115,10 @@ def test_gates():
     )
     assert check(Report(**base), Thresholds()) == []
     assert len(check(Report(**{**base, "agreement": 99.0}), Thresholds())) == 1
-    assert len(check(Report(**{**base, "mean_abs_logit_error": 1e-3}), Thresholds())) == 1
+    flips = {"mean_abs_logit_error": 1e-3, "flip_samples": 3}
+    assert check(Report(**{**base, **flips}), Thresholds()) == []  # explained flips only
+    assert len(check(Report(**{**base, "mean_abs_logit_error_no_flips": 1e-3}), Thresholds())) == 1
+    assert len(check(Report(**{**base, **flips, "unexplained_flips": [7]}), Thresholds())) == 1
     assert len(check(Report(**{**base, "onnx_top1": 80.0}), Thresholds())) == 1
 
 
