@@ -6,7 +6,6 @@ import datetime as _dt
 import os
 import pickle
 import platform
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +16,7 @@ import torch
 from torch import nn
 
 from . import __version__
+from .atomic import atomic_write
 from .models import ArchitectureError, architecture_of, build
 from .quant import QuantConfig, layer_table, quantize_model
 from .quant.apply import average_bits
@@ -168,19 +168,7 @@ def checkpoint_dict(
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     """torch.save to a temporary file beside `path`, then rename: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def save_checkpoint(model: nn.Module, path: str | os.PathLike, **metadata: Any) -> Path:

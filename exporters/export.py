@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import io
 import os
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -15,6 +14,7 @@ import onnx
 import torch
 from onnx import helper
 
+from adq_deploy.atomic import atomic_write
 from adq_deploy.checkpoint import Checkpoint, load_checkpoint
 from runtime.schema import register_onnx_schemas
 
@@ -118,18 +118,8 @@ def simplify(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def write(model: onnx.ModelProto, path: Path) -> int:
     """Save atomically (temporary file beside the target, then rename); returns the size."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     data = model.SerializeToString()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda f: f.write(data))
     return len(data)
 
 

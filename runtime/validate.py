@@ -17,6 +17,7 @@ import onnxruntime as ort
 import torch
 from tqdm import tqdm
 
+from adq_deploy.atomic import atomic_write
 from adq_deploy.checkpoint import load_checkpoint
 from adq_deploy.data import make_loaders
 from adq_deploy.quant import N2UQ
@@ -294,7 +295,5 @@ def format_report(report: Report) -> str:
 
 def write_report(report: Report, path: str | Path) -> None:
     """The JSON report, written atomically."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps({**asdict(report), "passed": report.passed}, indent=2))
-    os.replace(tmp, path)
+    text = json.dumps({**asdict(report), "passed": report.passed}, indent=2)
+    atomic_write(path, lambda f: f.write(text.encode()))
