@@ -61,11 +61,11 @@ class ExportResult:
         return "\n".join(lines)
 
 
-def fp32_onnx(checkpoint: Checkpoint) -> onnx.ModelProto:
+def fp32_onnx(checkpoint: Checkpoint, allow_import: bool = False) -> onnx.ModelProto:
     """The float network with the same (float) weights, exported plainly: the size baseline."""
     from adq_deploy.models import build
 
-    model = build(checkpoint.architecture, allow_import=True).eval()
+    model = build(checkpoint.architecture, allow_import=allow_import).eval()
     float_state = {k: v for k, v in checkpoint.raw["state_dict"].items() if k in model.state_dict()}
     model.load_state_dict(float_state)
     buf = io.BytesIO()
@@ -183,7 +183,7 @@ def export(
         first = (str(e).strip().splitlines() or ["invalid model"])[0]
         raise ValueError(f"the exported {fmt} graph is not valid ONNX: {first}") from None
     size = write(model, out)
-    fp32_size = len(fp32_onnx(ck).SerializeToString())
+    fp32_size = len(fp32_onnx(ck, allow_import).SerializeToString())
     return ExportResult(out, fmt, size, fp32_size, folded, time.perf_counter() - start)
 
 

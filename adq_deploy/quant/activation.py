@@ -105,6 +105,15 @@ def _n2uq_levels(xs: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
     return q
 
 
+def _n2uq_values(x: torch.Tensor, alpha1: torch.Tensor, thresholds: torch.Tensor, k: torch.Tensor):
+    """y = k * #{i : alpha1 x >= T_i} in one expression: what torch.compile fuses into one loop."""
+    xs = alpha1 * x
+    q = (xs >= thresholds[0]).to(x.dtype)
+    for j in range(1, thresholds.numel()):
+        q = q + (xs >= thresholds[j]).to(x.dtype)
+    return k * q
+
+
 def _segment_sums_loop(xs: torch.Tensor, g: torch.Tensor, d: torch.Tensor, inv: torch.Tensor):
     """g / a_seg per element and the sums of g / a and g x' / a over x' >= d_j, j < L - 1.
 
@@ -119,6 +128,17 @@ def _segment_sums_loop(xs: torch.Tensor, g: torch.Tensor, d: torch.Tensor, inv: 
     cum_g = torch.stack([torch.where(xs >= d[j], ga, 0).sum() for j in range(d.numel() - 1)])
     cum_gx = torch.stack([torch.where(xs >= d[j], gax, 0).sum() for j in range(d.numel() - 1)])
     return ga, cum_g, cum_gx, gax.sum()
+
+
+def _fused_backward_sums(
+    xs: torch.Tensor, g: torch.Tensor, d: torch.Tensor, inv: torch.Tensor, thresholds: torch.Tensor
+):
+    """_segment_sums_loop plus sum(g q), q recomputed from x' (nothing saved but x)."""
+    ga, cum_g, cum_gx, gax_sum = _segment_sums_loop(xs, g, d, inv)
+    q = (xs >= thresholds[0]).to(xs.dtype)
+    for j in range(1, thresholds.numel()):
+        q = q + (xs >= thresholds[j]).to(xs.dtype)
+    return ga, cum_g, cum_gx, gax_sum, (g * q).sum()
 
 
 def _segment_sums_gemv(xs: torch.Tensor, g: torch.Tensor, d: torch.Tensor, inv: torch.Tensor):
@@ -167,25 +187,29 @@ class _N2UQFunction(torch.autograd.Function):
         levels = widths.numel() + 1
         d = torch.cat([start.reshape(1), start + torch.cumsum(widths, 0)])
         thresholds = d[:-1] + widths / 2
+        k = alpha2 * (2.0 / (levels - 1))
+        ctx.fused = fused and levels <= SMALL_LEVELS
+        if ctx.fused:
+            ctx.save_for_backward(x, thresholds, d, widths, alpha1, alpha2)
+            return _compiled("values", _n2uq_values)(x, alpha1, thresholds, k)
         q = _n2uq_levels(alpha1 * x, thresholds)
-        ctx.fused = fused
         ctx.save_for_backward(x, q, d, widths, alpha1, alpha2)
-        return (alpha2 * (2.0 / (levels - 1))) * q.to(x.dtype)
+        return q * k  # uint8 levels times a float scalar: one pass, float result
 
     @staticmethod
     def backward(ctx, g):  # type: ignore[override]
-        x, q, d, widths, alpha1, alpha2 = ctx.saved_tensors
+        x, q, d, widths, alpha1, alpha2 = ctx.saved_tensors  # q: the thresholds when fused
         levels = widths.numel() + 1
         c = 2.0 / (levels - 1)
         k = alpha2 * c
         inv = 1.0 / widths
-        if levels > SMALL_LEVELS:
-            sums = _segment_sums_search
-        elif ctx.fused:
-            sums = _compiled("sums", _segment_sums_loop)
+        if ctx.fused:  # q is not saved: the kernel recomputes it with the thresholds
+            fused = _compiled("backward", _fused_backward_sums)
+            ga, cum_g, cum_gx, gax_sum, gq_sum = fused(alpha1 * x, g, d, inv, q)
         else:
-            sums = _segment_sums_gemv
-        ga, cum_g, cum_gx, gax_sum = sums(alpha1 * x, g, d, inv)
+            sums = _segment_sums_search if levels > SMALL_LEVELS else _segment_sums_gemv
+            ga, cum_g, cum_gx, gax_sum = sums(alpha1 * x, g, d, inv)
+            gq_sum = (g * q).sum()
         # per segment i: G_i = sum g/a_i, H_i = sum g (x' - d_{i-1}) / a_i^2
         zero = cum_g.new_zeros(1)
         seg_g = cum_g - torch.cat([cum_g[1:], zero])
@@ -194,7 +218,7 @@ class _N2UQFunction(torch.autograd.Function):
         later = cum_g - seg_g  # sum over the segments after j
         grad_x = (k * alpha1) * ga
         grad_widths = -k * (later + h)
-        grad_alpha2 = c * (g * q).sum()
+        grad_alpha2 = c * gq_sum
         return grad_x, -k * cum_g[0], grad_widths, k * gax_sum / alpha1, grad_alpha2, None
 
 
