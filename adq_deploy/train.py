@@ -21,7 +21,7 @@ from torch import nn
 from tqdm import tqdm
 
 from . import models
-from .allocation import allocate_bits, bits_report, layer_sensitivity
+from .allocation import allocate_bits, bits_report, layer_sensitivity, quant_error
 from .checkpoint import atomic_torch_save, load_checkpoint, save_checkpoint
 from .data import make_loaders
 from .quant import N2UQ, QuantConfig, average_bits, quantize_model, summary
@@ -236,8 +236,13 @@ def allocate(
     )
     if args.allocation == "no-hessian":
         # Ablation: the same objective with every Hessian trace set to 1 (perturbation only).
-        for s in sens.values():
-            s.omega = {b: v / s.trace if s.trace else v for b, v in s.omega.items()}
+        modules = dict(teacher.named_modules())
+        for name, s in sens.items():
+            weight = modules[name].weight.detach()
+            s.omega = {
+                b: quant_error(weight, b, base.w_form, base.w_init) / s.params
+                for b in args.w_bits_choices
+            }
             s.trace = 1.0
     bits = allocate_bits(sens, args.avg_bits, args.w_bits_choices)
     pw, lm = bits_report(bits, sens)
