@@ -157,3 +157,15 @@ def test_torchrun_data_parallel(tmp_path):
     ck = load_checkpoint(out)
     assert ck.metrics["history"]["qat"] and average_bits(ck.model).param_weighted <= 2.81 + 1e-9
     assert ck.provenance["train_args"]["avg_bits"] == 2.81
+
+
+def test_no_hessian_allocation(trained, tmp_path):
+    out, _ = trained
+    nh = tmp_path / "nh.pt"
+    args = [*QUICK, "--teacher", str(out.with_name("ck.fp32.pt")), "--allocation", "no-hessian"]
+    result = CliRunner().invoke(train_main, ["-o", str(nh), *args])
+    assert result.exit_code == 0, result.output
+    ck = load_checkpoint(nh)
+    alloc = ck.metrics["allocation"]
+    assert alloc["allocation"] == "no-hessian" and set(alloc["traces"].values()) == {1.0}
+    assert average_bits(ck.model).param_weighted <= 2.5 + 1e-9
