@@ -189,7 +189,7 @@ def ort_int8(fp32_path: Path, out: Path, calib: np.ndarray) -> Path:
 def prepare(ck_path: Path, folder: Path, calib: np.ndarray, threads: int) -> dict[str, Variant]:
     """Export every ONNX form of the checkpoint into `folder` and open its session."""
     from exporters.export import export, fp32_onnx, write
-    from runtime.validate import make_session
+    from runtime.library import make_session
 
     ck = load_checkpoint(ck_path)
     stem = ck_path.stem

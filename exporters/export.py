@@ -134,19 +134,26 @@ def _check_writable(path: Path) -> None:
         raise ValueError(f"cannot write {path}: not a writable file location")
 
 
+def check_format(fmt: str, opset: int | None) -> None:
+    """Reject an unknown format, --opset with adq / int8, or too old an opset for standard."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    if opset is not None and fmt != "standard":
+        raise ValueError("--opset applies to the standard format only")
+    if opset is not None and opset < MIN_OPSET:
+        raise ValueError(
+            f"--opset {opset} is too old for the standard format (needs >= {MIN_OPSET})"
+        )
+
+
 def build_model(folded: FoldedModel, fmt: str, opset: int | None = None) -> onnx.ModelProto:
     """Run the writer of a format on the folded model."""
+    check_format(fmt, opset)
     if fmt == "adq":
-        if opset is not None:
-            raise ValueError("--opset applies to the standard format only")
         return write_adq(folded)
     if fmt == "standard":
         return write_standard(folded, DEFAULT_OPSET if opset is None else opset)
-    if fmt == "int8":
-        if opset is not None:
-            raise ValueError("--opset applies to the standard format only")
-        return write_int8(folded)
-    raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    return write_int8(folded)
 
 
 def export(
@@ -158,14 +165,7 @@ def export(
     allow_import: bool = False,
 ) -> ExportResult:
     """The whole adq-export: returns what was written."""
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
-    if opset is not None and fmt != "standard":  # before loading: fail fast
-        raise ValueError("--opset applies to the standard format only")
-    if opset is not None and fmt == "standard" and opset < MIN_OPSET:
-        raise ValueError(
-            f"--opset {opset} is too old for the standard format (needs >= {MIN_OPSET})"
-        )
+    check_format(fmt, opset)  # before loading: fail fast
     start = time.perf_counter()
     checkpoint = Path(checkpoint)
     out = Path(out) if out else checkpoint.with_suffix(f".{fmt}.onnx")

@@ -115,7 +115,22 @@ def session_options(num_threads: int | None = None) -> ort.SessionOptions:
     return so
 
 
+def make_session(
+    path: str | os.PathLike, fmt: str, threads: int | None = None
+) -> ort.InferenceSession:
+    """A CPU session for an export; the ai.adq op library is registered for the adq format."""
+    if fmt == "adq":
+        opts = session_options(threads)
+    else:
+        opts = ort.SessionOptions()
+        opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+        if threads is not None:
+            opts.intra_op_num_threads = int(threads)
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
 __all__ = [
+    "make_session",
     "ENV_LIBRARY",
     "OpLibraryError",
     "build_library",

@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
+
+from runtime.library import make_session
 
 
 def _status_kb(field: str) -> int:
@@ -21,16 +22,10 @@ def _status_kb(field: str) -> int:
 
 def peak_session_mb(path: str, fmt: str, batch: int, shape: list[int]) -> float:
     """Peak resident memory added by creating the session and running one batch, in MB."""
-    if fmt == "adq":
-        from runtime.library import session_options
-
-        opts = session_options()
-    else:
-        opts = ort.SessionOptions()
     x = np.zeros([batch, *shape], np.float32)
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
     base = _status_kb("VmRSS")
-    sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    sess = make_session(path, fmt)
     sess.run(None, {sess.get_inputs()[0].name: x})
     return (_status_kb("VmHWM") - base) / 1024
 

@@ -13,7 +13,6 @@ from typing import Any
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import torch
 from tqdm import tqdm
 
@@ -22,7 +21,7 @@ from adq_deploy.checkpoint import load_checkpoint
 from adq_deploy.data import make_loaders
 from adq_deploy.quant import N2UQ
 
-from .library import session_options
+from .library import make_session
 
 
 @dataclass
@@ -70,18 +69,6 @@ def model_format(model: onnx.ModelProto) -> str:
     """The export format recorded in the metadata (adq, standard, int8), or 'onnx'."""
     props = {p.key: p.value for p in model.metadata_props}
     return props.get("adq.format", "onnx")
-
-
-def make_session(path: str | Path, fmt: str, threads: int | None = None) -> ort.InferenceSession:
-    """A CPU session; the ai.adq op library is registered for the adq format."""
-    if fmt == "adq":
-        opts = session_options(threads)
-    else:
-        opts = ort.SessionOptions()
-        opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
-        if threads:
-            opts.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
 def logits_and_tie_distance(

@@ -105,13 +105,17 @@ def _n2uq_levels(xs: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
     return q
 
 
+def _count_float(xs: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+    """#{i : x' >= T_i} as floats, written so that torch.compile fuses it into its caller's loop."""
+    q = (xs >= thresholds[0]).to(xs.dtype)
+    for j in range(1, thresholds.numel()):
+        q = q + (xs >= thresholds[j]).to(xs.dtype)
+    return q
+
+
 def _n2uq_values(x: torch.Tensor, alpha1: torch.Tensor, thresholds: torch.Tensor, k: torch.Tensor):
     """y = k * #{i : alpha1 x >= T_i} in one expression: what torch.compile fuses into one loop."""
-    xs = alpha1 * x
-    q = (xs >= thresholds[0]).to(x.dtype)
-    for j in range(1, thresholds.numel()):
-        q = q + (xs >= thresholds[j]).to(x.dtype)
-    return k * q
+    return k * _count_float(alpha1 * x, thresholds)
 
 
 def _segment_sums_loop(xs: torch.Tensor, g: torch.Tensor, d: torch.Tensor, inv: torch.Tensor):
@@ -135,10 +139,7 @@ def _fused_backward_sums(
 ):
     """_segment_sums_loop plus sum(g q), q recomputed from x' (nothing saved but x)."""
     ga, cum_g, cum_gx, gax_sum = _segment_sums_loop(xs, g, d, inv)
-    q = (xs >= thresholds[0]).to(xs.dtype)
-    for j in range(1, thresholds.numel()):
-        q = q + (xs >= thresholds[j]).to(xs.dtype)
-    return ga, cum_g, cum_gx, gax_sum, (g * q).sum()
+    return ga, cum_g, cum_gx, gax_sum, (g * _count_float(xs, thresholds)).sum()
 
 
 def _segment_sums_gemv(xs: torch.Tensor, g: torch.Tensor, d: torch.Tensor, inv: torch.Tensor):
