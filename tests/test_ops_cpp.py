@@ -42,20 +42,21 @@ def so2(library):
     return adq_session_options(num_threads=2)
 
 
-def run_ort(so, op, inputs, attrs):
-    model = single_op_model(op, inputs, attrs)
+def run_ort(so, op, inputs, attrs, constants=()):
+    model = single_op_model(op, inputs, attrs, constants=constants)
     sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    feeds = {k: v for k, v in inputs.items() if v is not None}
+    feeds = {k: v for k, v in inputs.items() if v is not None and k not in constants}
     return sess.run(None, feeds)[0]
 
 
-def compare(so, op, inputs, attrs, exact=False):
+def compare(so, op, inputs, attrs, exact=False, constants=()):
     """Run op in onnxruntime and in the reference: (error message or None, reference output).
 
     Floats agree when max |got - ref| <= 1e-5 * max(1, max |ref|); integer outputs exactly.
+    ``constants`` are passed as initializers (the kernels cache repacked constant codes).
     """
     ref = run_single(op, inputs, attrs)
-    got = run_ort(so, op, inputs, attrs)
+    got = run_ort(so, op, inputs, attrs, constants)
     if got.dtype != ref.dtype or got.shape != ref.shape:
         return f"dtype/shape {got.dtype}{got.shape} != reference {ref.dtype}{ref.shape}", ref
     if exact:
@@ -69,11 +70,11 @@ def compare(so, op, inputs, attrs, exact=False):
     return (None if err <= tol else f"max abs error {err:.3g} > {tol:.3g}"), ref
 
 
-def check_cases(so, op, cases, exact=False):
+def check_cases(so, op, cases, exact=False, constants=()):
     """Run every case; fail with the first mismatches (and their parameters)."""
     failures, nonzero = [], 0
     for inputs, attrs in cases:
-        msg, ref = compare(so, op, inputs, attrs, exact)
+        msg, ref = compare(so, op, inputs, attrs, exact, constants)
         if msg:
             shapes = {k: None if v is None else v.shape for k, v in inputs.items()}
             failures.append(f"{msg}: attrs={attrs} shapes={shapes}")
@@ -116,6 +117,8 @@ def conv_cases(seed, count, big_every=40):
         kind = rng.choice(["dense", "grouped", "depthwise", "depthwise2"])
         if kind == "dense":
             group, c, m = 1, int(rng.integers(1, 9)), int(rng.integers(1, 14))
+            if rng.random() < 0.25:  # several 16-channel blocks, a last panel of one block
+                m = int(rng.choice([16, 17, 32, 33, 48, 70]))
         elif kind == "grouped":
             group = int(rng.integers(2, 4))
             c, m = group * int(rng.integers(1, 4)), group * int(rng.integers(1, 8))
@@ -239,6 +242,34 @@ def test_session_options_sets_parity_config(library):
 
 def test_lut_conv_matches_reference(so2):
     check_cases(so2, "LutConv", conv_cases(seed=1, count=1200))
+
+
+def test_lut_conv_with_constant_codes_matches_reference(so2):
+    """Codes and Codebook as initializers, as exported: the repacked copy made on first use."""
+    check_cases(
+        so2, "LutConv", conv_cases(seed=5, count=300), constants=("Codes", "Codebook", "Scale")
+    )
+
+
+def test_lut_conv_constant_codes_run_twice(so2):
+    """The cached repacking gives the same result on later runs and other inputs."""
+    (inputs, attrs), (other, _) = conv_cases(seed=6, count=2)
+    other = dict(inputs, X=np.ascontiguousarray(np.resize(other["X"], inputs["X"].shape)))
+    model = single_op_model("LutConv", inputs, attrs, constants=("Codes", "Codebook"))
+    sess = ort.InferenceSession(model.SerializeToString(), so2, providers=["CPUExecutionProvider"])
+    feeds = {k: v for k, v in inputs.items() if v is not None and k not in ("Codes", "Codebook")}
+    for x in (inputs["X"], other["X"], inputs["X"]):
+        got = sess.run(None, dict(feeds, X=x))[0]
+        ref = run_single("LutConv", dict(inputs, X=x), attrs)
+        np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5 * max(1, np.abs(ref).max()))
+
+
+def test_invalid_constant_code_is_an_error(so2):
+    inputs, attrs = _conv_ok(bits=3)
+    inputs["Codes"] = pack_rows(np.full((6, 36), 5), 3)
+    inputs["Codebook"] = np.arange(4, dtype=np.float32)  # code 5 >= K = 4
+    with pytest.raises(ORT_ERRORS, match="invalid code"):
+        run_ort(so2, "LutConv", inputs, attrs, constants=("Codes", "Codebook"))
 
 
 def test_lut_gemm_matches_reference(so2):

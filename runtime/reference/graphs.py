@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnx.helper as oh
+import onnx.numpy_helper
 
 from runtime.reference import run_reference
 from runtime.schema import DOMAIN, OPS_BY_NAME, VERSION
@@ -25,8 +26,10 @@ def single_op_model(
     inputs: dict[str, np.ndarray],
     attrs: dict | None = None,
     opset: int = 21,
+    constants: tuple[str, ...] = (),
 ) -> onnx.ModelProto:
-    """A model with one ``op_name`` node; ``inputs`` (by declared name) become graph inputs.
+    """A model with one ``op_name`` node; ``inputs`` (by declared name) become graph inputs,
+    except those named in ``constants``, which become initializers (as in an exported model).
 
     Missing optional inputs are left out. Graph input types follow the arrays' dtypes (so wrong
     dtypes reach the op); output element types follow the declaration, output dims are left
@@ -41,6 +44,7 @@ def single_op_model(
         raise ValueError(f"{op_name}: unknown inputs {unknown}; declared: {sorted(declared)}")
     names = []
     graph_inputs = []
+    initializers = []
     for p in decl.inputs:
         if p.name not in inputs or inputs[p.name] is None:
             if not p.optional:
@@ -48,8 +52,11 @@ def single_op_model(
             names.append("")
             continue
         arr = np.asarray(inputs[p.name])
-        elem = oh.np_dtype_to_tensor_dtype(arr.dtype)
-        graph_inputs.append(oh.make_tensor_value_info(p.name, elem, list(arr.shape)))
+        if p.name in constants:
+            initializers.append(onnx.numpy_helper.from_array(arr, p.name))
+        else:
+            elem = oh.np_dtype_to_tensor_dtype(arr.dtype)
+            graph_inputs.append(oh.make_tensor_value_info(p.name, elem, list(arr.shape)))
         names.append(p.name)
     while names and names[-1] == "":
         names.pop()
@@ -60,7 +67,7 @@ def single_op_model(
     node = oh.make_node(
         op_name, names, [p.name for p in decl.outputs], domain=DOMAIN, **(attrs or {})
     )
-    graph = oh.make_graph([node], f"{op_name}_single", graph_inputs, outputs)
+    graph = oh.make_graph([node], f"{op_name}_single", graph_inputs, outputs, initializers)
     opsets = [oh.make_opsetid("", opset), oh.make_opsetid(DOMAIN, VERSION)]
     ir = oh.find_min_ir_version_for([opsets[0]])
     return oh.make_model(graph, opset_imports=opsets, ir_version=ir)
