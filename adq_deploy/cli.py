@@ -261,6 +261,13 @@ def eval_main(
     "--no-simplify", is_flag=True, help="Skip onnxsim (codes are never folded either way)."
 )
 @click.option(
+    "--int-codebooks",
+    is_flag=True,
+    help="adq format: snap each codebook to integers (as the int8 format does; the scale goes "
+    "into the layer's Scale), so that the op library runs exact int8 convolutions (AVX-512 "
+    "VNNI). Same file size; the snapping is the only change in the numbers.",
+)
+@click.option(
     "--allow-import",
     is_flag=True,
     help="Trust a 'module:factory' architecture named in the checkpoint and import it.",
@@ -272,6 +279,7 @@ def export_main(
     fmt: str,
     opset: int | None,
     no_simplify: bool,
+    int_codebooks: bool,
     allow_import: bool,
 ) -> None:
     """Fold CHECKPOINT into lookup-table weights and integer activations and write ONNX."""
@@ -284,6 +292,7 @@ def export_main(
         opset=opset,
         simplify_graph=not no_simplify,
         allow_import=allow_import,
+        int_codebooks=int_codebooks,
     )
     click.echo(result.summary())
 

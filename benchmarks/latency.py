@@ -47,12 +47,13 @@ from adq_deploy.quant import N2UQ, QuantConfig, quantize_model  # noqa: E402
 from benchmarks.machine import machine_info, machine_line  # noqa: E402
 from runtime.validate import time_calls  # noqa: E402
 
-VARIANTS = ("eager", "fp32", "ort-int8", "adq", "standard", "int8")
+VARIANTS = ("eager", "fp32", "ort-int8", "adq", "adq-int", "standard", "int8")
 LABELS = {
     "eager": "PyTorch eager (fake-quant)",
     "fp32": "fp32 ONNX (onnxruntime)",
     "ort-int8": "onnxruntime static int8 (QDQ)",
     "adq": "ours: adq (op library)",
+    "adq-int": "ours: adq --int-codebooks (op library, int8 kernel)",
     "standard": "ours: standard ONNX",
     "int8": "ours: int8",
 }
@@ -205,9 +206,11 @@ def prepare(ck_path: Path, folder: Path, calib: np.ndarray, threads: int) -> dic
     for fmt in ("adq", "standard", "int8"):
         res = export(ck_path, folder / f"{stem}.{fmt}.onnx", fmt)
         out[fmt] = Variant(fmt, res.path, "adq" if fmt == "adq" else "onnx")
+    res = export(ck_path, folder / f"{stem}.adq-int.onnx", "adq", int_codebooks=True)
+    out["adq-int"] = Variant("adq-int", res.path, "adq")
     for v in out.values():
         if v.mem_fmt != "torch":
-            v.session = make_session(v.path, "adq" if v.name == "adq" else "onnx", threads)
+            v.session = make_session(v.path, v.mem_fmt, threads)
     return {k: out[k] for k in VARIANTS}
 
 
@@ -316,7 +319,13 @@ def measure(
         row: dict[str, Any] = {}
         for n, v in variants.items():
             ms = np.array(times[n]) * 1e3
-            ref = {"ort-int8": "fp32", "adq": "eager", "standard": "eager", "int8": "eager"}.get(n)
+            ref = {
+                "ort-int8": "fp32",
+                "adq": "eager",
+                "adq-int": "int8",  # the same snapped codebooks
+                "standard": "eager",
+                "int8": "eager",
+            }.get(n)
             row[n] = {
                 "label": LABELS[n],
                 "p50_ms": float(np.percentile(ms, 50)),

@@ -134,10 +134,13 @@ def _check_writable(path: Path) -> None:
         raise ValueError(f"cannot write {path}: not a writable file location")
 
 
-def check_format(fmt: str, opset: int | None) -> None:
-    """Reject an unknown format, --opset with adq / int8, or too old an opset for standard."""
+def check_format(fmt: str, opset: int | None, int_codebooks: bool = False) -> None:
+    """Reject an unknown format, --opset with adq / int8, too old an opset for standard, or
+    --int-codebooks with another format than adq."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    if int_codebooks and fmt != "adq":
+        raise ValueError("--int-codebooks applies to the adq format only")
     if opset is not None and fmt != "standard":
         raise ValueError("--opset applies to the standard format only")
     if opset is not None and opset < MIN_OPSET:
@@ -146,11 +149,13 @@ def check_format(fmt: str, opset: int | None) -> None:
         )
 
 
-def build_model(folded: FoldedModel, fmt: str, opset: int | None = None) -> onnx.ModelProto:
+def build_model(
+    folded: FoldedModel, fmt: str, opset: int | None = None, int_codebooks: bool = False
+) -> onnx.ModelProto:
     """Run the writer of a format on the folded model."""
-    check_format(fmt, opset)
+    check_format(fmt, opset, int_codebooks)
     if fmt == "adq":
-        return write_adq(folded)
+        return write_adq(folded, int_codebooks)
     if fmt == "standard":
         return write_standard(folded, DEFAULT_OPSET if opset is None else opset)
     return write_int8(folded)
@@ -163,16 +168,17 @@ def export(
     opset: int | None = None,
     simplify_graph: bool = True,
     allow_import: bool = False,
+    int_codebooks: bool = False,
 ) -> ExportResult:
     """The whole adq-export: returns what was written."""
-    check_format(fmt, opset)  # before loading: fail fast
+    check_format(fmt, opset, int_codebooks)  # before loading: fail fast
     start = time.perf_counter()
     checkpoint = Path(checkpoint)
     out = Path(out) if out else checkpoint.with_suffix(f".{fmt}.onnx")
     _check_writable(out)
     ck = load_checkpoint(checkpoint, allow_import=allow_import)
     folded = fold(ck)
-    model = build_model(folded, fmt, opset)
+    model = build_model(folded, fmt, opset, int_codebooks)
     if simplify_graph and fmt != "adq":
         model = simplify(model)
         compact_names(model)  # onnxsim adds value_info back

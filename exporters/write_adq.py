@@ -2,9 +2,15 @@
 
 Layer with a quantized input:  ThresholdQuant(x) -> uint8 levels -> LutConv / LutGemm.
 Layer with a float input (a W8 first layer): LutDequant -> Conv / Gemm -> Mul / Add.
+
+With ``int_codebooks`` every codebook is snapped as the int8 format snaps it (C ~ s_w * c,
+integers c) and stored as the integers c, s_w folded into the layer's scale: the same codes and
+file size, and LutConv runs its exact int8 x uint8 kernel (AVX-512 VNNI) on such codebooks.
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 import numpy as np
 import onnx
@@ -14,6 +20,7 @@ from runtime.packing import pack_rows
 
 from .fold import FoldedLayer, FoldedModel
 from .skeleton import DOMAIN
+from .write_int8 import snapped, snapping_report
 from .writer import affine_nodes, init, replace_placeholders, set_metadata, set_opsets
 
 OPSET = 20
@@ -38,10 +45,16 @@ def threshold_node(
     return node, q
 
 
-def emit_adq(graph: onnx.GraphProto, layer: FoldedLayer, x: str, y: str) -> list[onnx.NodeProto]:
-    """The ai.adq nodes of one layer."""
+def emit_adq(
+    graph: onnx.GraphProto, layer: FoldedLayer, x: str, y: str, int_codebooks: bool = False
+) -> list[onnx.NodeProto]:
+    """The ai.adq nodes of one layer (integer codebooks and s_w in the scale: int_codebooks)."""
     codes = init(graph, layer, "codes", pack_rows(layer.codes, layer.bits))
-    codebook = init(graph, layer, "codebook", layer.codebook)
+    levels, s_w = layer.codebook, np.float32(1.0)
+    if int_codebooks:
+        scale_w, ints, _ = snapped(layer)
+        levels, s_w = ints.astype(np.float32), np.float32(scale_w)
+    codebook = init(graph, layer, "codebook", levels)
     if layer.act is None:
         w = f"{layer.name}/weight"
         nodes = [
@@ -64,9 +77,11 @@ def emit_adq(graph: onnx.GraphProto, layer: FoldedLayer, x: str, y: str) -> list
             nodes.append(
                 helper.make_node("Gemm", [x, w], [acc], name=f"{layer.name}/Gemm", transB=1)
             )
-        return nodes + affine_nodes(graph, layer, acc, y, layer.out_scale)
+        return nodes + affine_nodes(graph, layer, acc, y, (layer.out_scale * s_w).astype(np.float32))
     tq, q = threshold_node(graph, layer, x)
-    scale = init(graph, layer, "scale", (layer.act.step * layer.out_scale).astype(np.float32))
+    scale = init(
+        graph, layer, "scale", (layer.act.step * s_w * layer.out_scale).astype(np.float32)
+    )
     bias = init(graph, layer, "bias", layer.out_bias)
     op = "LutConv" if layer.kind == "conv" else "LutGemm"
     attrs = {"bits": layer.bits, **layer.conv}
@@ -81,9 +96,12 @@ def emit_adq(graph: onnx.GraphProto, layer: FoldedLayer, x: str, y: str) -> list
     return [tq, lut]
 
 
-def write_adq(folded: FoldedModel) -> onnx.ModelProto:
-    """The adq-format model of a folded checkpoint."""
-    model = replace_placeholders(folded, emit_adq)
+def write_adq(folded: FoldedModel, int_codebooks: bool = False) -> onnx.ModelProto:
+    """The adq-format model of a folded checkpoint (see the module docstring for int_codebooks)."""
+    model = replace_placeholders(folded, partial(emit_adq, int_codebooks=int_codebooks))
     set_opsets(model, OPSET, adq_domain=True)
-    set_metadata(model, folded, "adq", {"code_packing": "row-aligned, LSB-first bit stream"})
+    extra: dict = {"code_packing": "row-aligned, LSB-first bit stream"}
+    if int_codebooks:
+        extra.update(int_codebooks="true", snapping=snapping_report(folded))
+    set_metadata(model, folded, "adq", extra)
     return model

@@ -80,7 +80,7 @@ else
   command -v "$CXX" >/dev/null || die "need cmake or a C++17 compiler (\$CXX, default g++)"
   echo "build-ops: cmake not found, compiling with $CXX directly" >&2
   "$CXX" -O3 -std=c++17 -fPIC -shared -fvisibility=hidden -fvisibility-inlines-hidden -pthread \
-    -Wall -Wextra -Wno-maybe-uninitialized -isystem "$INC" "$SRC"/*.cc -o "$OUT/libadq_ops.so.tmp" -Wl,--no-undefined
+    -Wall -Wextra -Wno-maybe-uninitialized -Wno-uninitialized -isystem "$INC" "$SRC"/*.cc -o "$OUT/libadq_ops.so.tmp" -Wl,--no-undefined
   mv -f "$OUT/libadq_ops.so.tmp" "$OUT/libadq_ops.so"
 fi
 [ -f "$OUT/libadq_ops.so" ] || die "build finished without $OUT/libadq_ops.so"

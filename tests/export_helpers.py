@@ -274,10 +274,12 @@ def loaded(name: str) -> tuple[Checkpoint, FoldedModel]:
 
 
 @functools.cache
-def onnx_model(name: str, fmt: str, opset: int | None = None) -> onnx.ModelProto:
+def onnx_model(
+    name: str, fmt: str, opset: int | None = None, int_codebooks: bool = False
+) -> onnx.ModelProto:
     """What export() builds for a case (simplified for standard and int8), not written."""
     _, folded = loaded(name)
-    model = build_model(folded, fmt, opset)
+    model = build_model(folded, fmt, opset, int_codebooks)
     if fmt != "adq":
         model = simplify(model)
         compact_names(model)

@@ -89,12 +89,18 @@ def check_cases(so, op, cases, exact=False, constants=()):
 # ----------------------------------------------------------------------------- case generators
 
 
-def _codes(rng, bits, rows, row_len):
-    """Packed random codes and a codebook of K <= 2^bits levels that the codes all index."""
+def _codes(rng, bits, rows, row_len, integer=False):
+    """Packed random codes and a codebook of K <= 2^bits levels that the codes all index.
+
+    integer=True: levels are integers in -128..127 (LutConv's exact int8 path)."""
     full = 1 << bits
     k = int(rng.choice([full, rng.integers(1, full + 1)]))
     codes = rng.integers(0, k, size=(rows, row_len))
-    codebook = rng.normal(size=k).astype(np.float32)
+    if integer:
+        codebook = rng.integers(-128, 128, size=k).astype(np.float32)
+        codebook[: min(k, 2)] = [-128, 127][: min(k, 2)]  # the extremes of the int8 range
+    else:
+        codebook = rng.normal(size=k).astype(np.float32)
     return pack_rows(codes, bits), codebook
 
 
@@ -144,7 +150,8 @@ def conv_cases(seed, count, big_every=40):
                 c, m, kh, kw, h, w, pads = 264, 8, 1, 1, 5, 6, [0, 0, 0, 0]
                 sh = sw = int(rng.integers(1, 3))
         x = _levels(rng, (n, c, h, w))
-        packed, codebook = _codes(rng, bits, m, (c // group) * kh * kw)
+        integer = rng.random() < 0.3
+        packed, codebook = _codes(rng, bits, m, (c // group) * kh * kw, integer)
         scale, bias = _affine(rng, m)
         attrs = {"bits": bits, "kernel_shape": [kh, kw]}
         # Leave defaults out sometimes so the kernels' attribute defaults are exercised too.

@@ -15,10 +15,12 @@ from export_helpers import (
     loaded,
     onnx_model,
     run_onnx,
+    snapped_model,
     torch_logits,
 )
 from onnx import TensorProto
 
+from exporters.export import build_model
 from exporters.write_adq import write_adq
 from runtime.packing import pack_rows, unpack_rows
 from runtime.schema import DOMAIN, register_onnx_schemas
@@ -116,3 +118,28 @@ def test_writer_does_not_change_the_folded_model():
     assert folded.skeleton.SerializeToString() == before
     for n, lay in folded.layers.items():
         np.testing.assert_array_equal(lay.out_scale, scales[n])
+
+
+@pytest.mark.parametrize("name", MODEL_CASES)
+def test_int_codebooks_equal_the_snapped_pytorch_model(name):
+    """--int-codebooks: integer codebooks (s_w in the scale) == PyTorch with the int8 format's
+    snapped codebooks; same codes as the plain adq export."""
+    ck, folded = loaded(name)
+    model = onnx_model(name, "adq", int_codebooks=True)
+    snapped = snapped_model(ck, folded)
+    x = case_input(name, batch=5, seed=1, model=snapped)
+    ratio = assert_logits_match(run_onnx(model, x), torch_logits(snapped, x), rel=1e-5)
+    inits, plain = initializers(model), initializers(onnx_model(name, "adq"))
+    for lname in folded.layers:
+        book = onnx.numpy_helper.to_array(inits[f"{lname}.codebook"])
+        assert np.array_equal(book, np.round(book)) and np.abs(book).max() <= 127
+        assert inits[f"{lname}.codes"] == plain[f"{lname}.codes"]
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert meta["adq.int_codebooks"] == "true" and "adq.snapping" in meta
+    print(f"{name}: int codebooks vs snapped PyTorch, mean abs error / mean |logit| = {ratio:.2e}")
+
+
+def test_int_codebooks_only_for_adq():
+    _, folded = loaded("test_model")
+    with pytest.raises(ValueError, match="adq format only"):
+        build_model(folded, "standard", None, int_codebooks=True)

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <array>
+#include <cstring>
 #include <memory>
 #include <utility>
 
@@ -18,10 +19,10 @@ constexpr int64_t kChunkQ = 16 * kMaxQ;  // flat outputs per task
 constexpr int64_t kChunkK = 128;         // k-steps summed in registers before adding up
 
 struct TileArgs {
-  const uint64_t* w;       // the panel's words, k-major, NB per k
-  int64_t C, taps, cstride;
-  const int64_t* tapoff;   // per tap: offset inside a channel's phase planes
-  const float* x;          // channel 0 of the image, at the tile's first flat output
+  const void* w;           // the panel's weights: code words (float path) or int8 (integer)
+  int64_t C, taps, cstride;  // C: channels (float) or channel quads (integer)
+  const int64_t* tapoff;   // per tap: offset inside a channel's (quad's) phase planes
+  const void* x;           // channel 0 of the image, at the tile's first output
   const float* table;      // the codebook, 16 floats
   const float* scale;      // the panel's 32 scales and biases
   const float* bias;
@@ -37,7 +38,7 @@ __attribute__((target("avx512f"))) void Tile(const TileArgs& a) {
   // dword 2q + 1 that of channel 2q + 1; vpermps reads only the low 4 bits of each index.
   const __m512i shifts = _mm512_setr_epi64(0, 4, 8, 12, 16, 20, 24, 28);
   const __m512 table = _mm512_loadu_ps(a.table);
-  const uint64_t* w = a.w;
+  const uint64_t* w = static_cast<const uint64_t*>(a.w);
   const int64_t cchunk = std::max<int64_t>(1, kChunkK / a.taps);
   int64_t c0 = 0;
   do {
@@ -46,7 +47,7 @@ __attribute__((target("avx512f"))) void Tile(const TileArgs& a) {
       for (int j = 0; j < NQ; ++j) acc[b][j] = _mm512_setzero_ps();
     }
     const int64_t c1 = std::min(a.C, c0 + cchunk);
-    const float* xc = a.x + c0 * a.cstride;
+    const float* xc = static_cast<const float*>(a.x) + c0 * a.cstride;
     for (int64_t c = c0; c < c1; ++c, xc += a.cstride) {
       for (int64_t t = 0; t < a.taps; ++t, w += NB) {
         const float* xt = xc + a.tapoff[t];
@@ -81,53 +82,195 @@ __attribute__((target("avx512f"))) void Tile(const TileArgs& a) {
   }
 }
 
+// The integer path: int8 weights (the integer codebook levels) and uint8 levels, 4 channels per
+// 32-bit lane: vpdpbusd adds the 4 products of a channel quad to each output channel's int32
+// sum, which is exact (the caller checks 255 * 128 * 4 * quads * taps < 2^31).
+template <int NB, int NQ>
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) void TileInt(const TileArgs& a) {
+  __m512i acc[NB][NQ];
+  for (int b = 0; b < NB; ++b) {
+    for (int j = 0; j < NQ; ++j) acc[b][j] = _mm512_setzero_si512();
+  }
+  const int8_t* w = static_cast<const int8_t*>(a.w);
+  const uint8_t* xc = static_cast<const uint8_t*>(a.x);
+  for (int64_t c = 0; c < a.C; ++c, xc += a.cstride) {
+    for (int64_t t = 0; t < a.taps; ++t, w += NB * 4 * kLanes) {
+      const uint8_t* xt = xc + a.tapoff[t];
+      __m512i wv[NB];
+      for (int b = 0; b < NB; ++b) wv[b] = _mm512_loadu_si512(w + b * 4 * kLanes);
+#pragma GCC unroll 12
+      for (int j = 0; j < NQ; ++j) {
+        int32_t quad;
+        std::memcpy(&quad, xt + 4 * j, 4);
+        const __m512i xv = _mm512_set1_epi32(quad);
+        for (int b = 0; b < NB; ++b) acc[b][j] = _mm512_dpbusd_epi32(acc[b][j], xv, wv[b]);
+      }
+    }
+  }
+  for (int b = 0; b < NB; ++b) {
+    const __m512 s = _mm512_loadu_ps(a.scale + b * kLanes);
+    const __m512 bias = _mm512_loadu_ps(a.bias + b * kLanes);
+    for (int j = 0; j < NQ; ++j) {
+      _mm512_storeu_ps(a.out + j * 2 * kLanes + b * kLanes,
+                       _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[b][j]), s, bias));
+    }
+  }
+}
+
 using TileFn = void (*)(const TileArgs&);
 
 template <int NB, size_t... Q>
 constexpr std::array<TileFn, sizeof...(Q)> Tiles(std::index_sequence<Q...>) {
   return {&Tile<NB, static_cast<int>(Q) + 1>...};
 }
-constexpr auto kTiles1 = Tiles<1>(std::make_index_sequence<kMaxQ>{});
-constexpr auto kTiles2 = Tiles<2>(std::make_index_sequence<kMaxQ>{});
+template <int NB, size_t... Q>
+constexpr std::array<TileFn, sizeof...(Q)> TilesInt(std::index_sequence<Q...>) {
+  return {&TileInt<NB, static_cast<int>(Q) + 1>...};
+}
+constexpr std::array<TileFn, kMaxQ> kTiles[2][2] = {
+    {Tiles<1>(std::make_index_sequence<kMaxQ>{}), Tiles<2>(std::make_index_sequence<kMaxQ>{})},
+    {TilesInt<1>(std::make_index_sequence<kMaxQ>{}),
+     TilesInt<2>(std::make_index_sequence<kMaxQ>{})}};
+
+// In-register 16 x 16 transpose: on return r[n] holds element n of every input row.
+__attribute__((target("avx512f"))) inline void Transpose16(__m512 r[16]) {
+  __m512 t[16], u[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  // u[4i + c], 128-bit lane k: element 4k + c of rows 4i .. 4i + 3.
+  for (int i = 0; i < 4; ++i) {
+    const __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 1]);
+    const __m512d c = _mm512_castps_pd(t[4 * i + 2]), d = _mm512_castps_pd(t[4 * i + 3]);
+    u[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+    u[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+    u[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+    u[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+  }
+  // A 4 x 4 transpose of 128-bit lanes for each c.
+  for (int c = 0; c < 4; ++c) {
+    const __m512 s0 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x44);
+    const __m512 s1 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xEE);
+    const __m512 s2 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x44);
+    const __m512 s3 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xEE);
+    r[c] = _mm512_shuffle_f32x4(s0, s2, 0x88);
+    r[4 + c] = _mm512_shuffle_f32x4(s0, s2, 0xDD);
+    r[8 + c] = _mm512_shuffle_f32x4(s1, s3, 0x88);
+    r[12 + c] = _mm512_shuffle_f32x4(s1, s3, 0xDD);
+  }
+}
+
+// Writes a tile [nq][32] (outputs x channels) to NCHW rows: y[l * P + j] = tile[j][l].
+__attribute__((target("avx512f"))) void StoreTile(const float* tile, int64_t nq, int64_t mcount,
+                                                  float* y, int64_t P) {
+  const __mmask16 mask = static_cast<__mmask16>((1u << nq) - 1u);
+  for (int64_t b = 0; b * kLanes < mcount; ++b) {
+    __m512 r[16];
+    for (int j = 0; j < 16; ++j) {
+      r[j] = j < nq ? _mm512_loadu_ps(tile + j * 2 * kLanes + b * kLanes) : _mm512_setzero_ps();
+    }
+    Transpose16(r);
+    const int64_t lanes = std::min<int64_t>(kLanes, mcount - b * kLanes);
+    for (int64_t l = 0; l < lanes; ++l) _mm512_mask_storeu_ps(y + (b * kLanes + l) * P, mask, r[l]);
+  }
+}
+
+bool HasVnni() {
+  static const bool has = __builtin_cpu_supports("avx512f") &&
+                          __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vnni");
+  return has;
+}
+
+// Interleaves 4 uint8 rows (nullptr: zeros) into dst[4 * i + r] = rows[r][i], i < n.
+void Interleave4(const uint8_t* const rows[4], int64_t n, uint8_t* dst) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {  // SSE2 byte and word unpacks, 16 columns at a time
+    __m128i r[4];
+    for (int k = 0; k < 4; ++k) {
+      r[k] = rows[k] ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(rows[k] + i))
+                     : _mm_setzero_si128();
+    }
+    const __m128i lo01 = _mm_unpacklo_epi8(r[0], r[1]), hi01 = _mm_unpackhi_epi8(r[0], r[1]);
+    const __m128i lo23 = _mm_unpacklo_epi8(r[2], r[3]), hi23 = _mm_unpackhi_epi8(r[2], r[3]);
+    __m128i* d = reinterpret_cast<__m128i*>(dst + 4 * i);
+    _mm_storeu_si128(d, _mm_unpacklo_epi16(lo01, lo23));
+    _mm_storeu_si128(d + 1, _mm_unpackhi_epi16(lo01, lo23));
+    _mm_storeu_si128(d + 2, _mm_unpacklo_epi16(hi01, hi23));
+    _mm_storeu_si128(d + 3, _mm_unpackhi_epi16(hi01, hi23));
+  }
+  for (; i < n; ++i) {
+    for (int r = 0; r < 4; ++r) dst[4 * i + r] = rows[r] ? rows[r][i] : 0;
+  }
+}
 
 }  // namespace
 
-bool Usable(Isa isa, int64_t bits, int64_t K, int64_t group) {
-  return isa == Isa::kAvx512 && bits <= 4 && K <= kLanes && group == 1;
+Kind Choose(Isa isa, const Lut& lut, int64_t group, int64_t C, int64_t taps) {
+  if (isa != Isa::kAvx512 || group != 1) return Kind::kNone;
+  bool integral = HasVnni();
+  for (int i = 0; i < lut.K && integral; ++i) {
+    const float v = lut.codebook[i];
+    integral = v >= -128.0f && v <= 127.0f && v == static_cast<float>(static_cast<int>(v));
+  }
+  // |sum| <= 255 * 128 * 4 * quads * taps must stay below 2^31 for exact int32 sums.
+  const int64_t quads = (C + 3) / 4;
+  if (integral && quads * taps <= (int64_t{1} << 31) / (255 * 128 * 4) - 1) return Kind::kInt8;
+  return lut.bits <= 4 && lut.K <= kLanes ? Kind::kFloat : Kind::kNone;
 }
 
-void Pack(const Lut& lut, Packed* p) {
+void Pack(const Lut& lut, Kind kind, int64_t C, int64_t taps, Packed* p) {
   const int64_t M = lut.M, R = lut.R;
-  const int64_t blocks = (M + kLanes - 1) / kLanes;
+  Check(R == C * taps, "internal: packing ", R, " codes per row as ", C, " x ", taps);
+  const int64_t blocks = (M + kLanes - 1) / kLanes, quads = (C + 3) / 4;
   p->M = M;
   p->R = R;
   p->K = lut.K;
-  p->words.assign(static_cast<size_t>(CheckedMul(blocks, R, "packed codes")), 0);
+  p->kind = kind;
+  p->codebook = lut.codebook;
+  if (kind == Kind::kFloat) {
+    p->words.assign(static_cast<size_t>(CheckedMul(blocks, R, "packed codes")), 0);
+  } else {
+    p->int8.assign(static_cast<size_t>(CheckedMul(blocks * 4 * kLanes, quads * taps, "weights")), 0);
+  }
   std::vector<uint8_t> codes(static_cast<size_t>(R));
   for (int64_t m = 0; m < M; ++m) {
     UnpackCodes(lut.codes + m * lut.row_bytes, lut.row_bytes, lut.bits, 0, R, codes.data());
-    const int64_t block = m / kLanes, lane = m % kLanes;
-    const int64_t panel = block / 2, nb = std::min<int64_t>(2, blocks - 2 * panel);
-    const int shift = static_cast<int>((lane % 2 ? 32 : 0) + 4 * (lane / 2));
-    uint64_t* dst = p->words.data() + 2 * panel * R + block % 2;
     for (int64_t k = 0; k < R; ++k) {
       Check(codes[k] < lut.K, "invalid code ", static_cast<int>(codes[k]), " >= K=", lut.K,
             " (Codebook length) at row ", m, ", index ", k);
-      dst[k * nb] |= static_cast<uint64_t>(codes[k]) << shift;
+    }
+    const int64_t block = m / kLanes, lane = m % kLanes;
+    const int64_t panel = block / 2, nb = std::min<int64_t>(2, blocks - 2 * panel);
+    if (kind == Kind::kFloat) {
+      const int shift = static_cast<int>((lane % 2 ? 32 : 0) + 4 * (lane / 2));
+      uint64_t* dst = p->words.data() + 2 * panel * R + block % 2;
+      for (int64_t k = 0; k < R; ++k) dst[k * nb] |= static_cast<uint64_t>(codes[k]) << shift;
+      continue;
+    }
+    // Panel p: [quad][tap][block of the panel][lane][4 channels of the quad].
+    int8_t* dst = p->int8.data() + panel * quads * taps * 8 * kLanes + (block % 2) * 4 * kLanes;
+    for (int64_t c = 0; c < C; ++c) {
+      for (int64_t t = 0; t < taps; ++t) {
+        const float v = lut.codebook[codes[c * taps + t]];
+        dst[((c / 4) * taps + t) * nb * 4 * kLanes + 4 * lane + c % 4] = static_cast<int8_t>(v);
+      }
     }
   }
 }
 
-std::shared_ptr<const Packed> Cache::Get(const Lut& lut, bool codes_constant) {
+std::shared_ptr<const Packed> Cache::Get(const Lut& lut, Kind kind, int64_t C, int64_t taps,
+                                         bool constant) {
   auto fresh = [&] {
     auto p = std::make_shared<Packed>();
-    Pack(lut, p.get());
+    Pack(lut, kind, C, taps, p.get());
     return std::shared_ptr<const Packed>(std::move(p));
   };
-  if (!codes_constant) return fresh();
+  if (!constant) return fresh();
   std::lock_guard<std::mutex> lock(mu_);
-  if (!packed_ || source_ != lut.codes || packed_->M != lut.M || packed_->R != lut.R ||
-      packed_->K != lut.K) {
+  if (!packed_ || source_ != lut.codes || packed_->codebook != lut.codebook ||
+      packed_->kind != kind || packed_->M != lut.M || packed_->R != lut.R || packed_->K != lut.K) {
     packed_ = fresh();
     source_ = lut.codes;
   }
@@ -136,11 +279,14 @@ std::shared_ptr<const Packed> Cache::Get(const Lut& lut, bool codes_constant) {
 
 void Conv(const Ort::KernelContext& ctx, const ConvShape& s, const uint8_t* x, const Packed& w,
           const Lut& lut, const Affine& af, float* y) {
+  const bool integer = w.kind == Kind::kInt8;
   const int64_t Hp = s.H + s.pT + s.pB, Wp = s.W + s.pL + s.pR;
   const int64_t Hq = (Hp + s.sH - 1) / s.sH, Wq = (Wp + s.sW - 1) / s.sW;
   const int64_t PQ = CheckedMul(Hq, Wq, "phase plane");
   const int64_t cstride = CheckedMul(PQ, s.sH * s.sW, "phase planes");
   const int64_t taps = s.kH * s.kW, P = s.OH * s.OW;
+  // Integer path: one 4-byte cell (a channel quad) per position; float path: one float.
+  const int64_t cell = integer ? 4 : 1;
 
   // Tap (i, j) reads padded input (oh*sH + i*dH, ow*sW + j*dW): phase plane
   // ((i*dH) % sH, (j*dW) % sW) at (oh + i*dH / sH, ow + j*dW / sW).
@@ -151,27 +297,57 @@ void Conv(const Ort::KernelContext& ctx, const ConvShape& s, const uint8_t* x, c
       const int64_t rh = i * s.dH, rw = j * s.dW;
       const int64_t phase = (rh % s.sH) * s.sW + rw % s.sW;
       used[phase] = 1;
-      tapoff[i * s.kW + j] = phase * PQ + (rh / s.sH) * Wq + rw / s.sW;
+      tapoff[i * s.kW + j] = (phase * PQ + (rh / s.sH) * Wq + rw / s.sW) * cell;
     }
   }
 
-  // Float phase planes of every (n, c); only the phases some tap reads are filled.
-  const int64_t NC = CheckedMul(s.N, s.C, "input planes");
-  float* planes = ThreadScratch<kConvInput>(CheckedMul(NC, cstride, "phase planes") + kLanes);
+  // Phase planes of every (n, channel) or (n, channel quad); only phases some tap reads.
+  const int64_t groups = integer ? (s.C + 3) / 4 : s.C;
+  const int64_t NG = CheckedMul(s.N, groups, "input planes");
+  const int64_t plane_elems = CheckedMul(NG, cstride, "phase planes");
+  float* fplanes = nullptr;
+  uint8_t* qplanes = nullptr;
+  if (integer) {
+    qplanes = reinterpret_cast<uint8_t*>(ThreadScratch<kConvInput>(plane_elems + kLanes));
+  } else {
+    fplanes = ThreadScratch<kConvInput>(plane_elems + kLanes);
+  }
   const Isa isa = Isa::kAvx512;
-  ParallelFor(ctx, static_cast<size_t>(NC), [&](size_t t) {
-    const uint8_t* src = x + static_cast<int64_t>(t) * s.H * s.W;
+  ParallelFor(ctx, static_cast<size_t>(NG), [&](size_t t) {
+    const int64_t n = static_cast<int64_t>(t) / groups, g = static_cast<int64_t>(t) % groups;
     for (int64_t ph = 0; ph < s.sH; ++ph) {
       for (int64_t pw = 0; pw < s.sW; ++pw) {
         if (!used[ph * s.sW + pw]) continue;
-        float* d = planes + static_cast<int64_t>(t) * cstride + (ph * s.sW + pw) * PQ;
-        for (int64_t a = 0; a < Hq; ++a, d += Wq) {
+        const int64_t off = static_cast<int64_t>(t) * cstride + (ph * s.sW + pw) * PQ;
+        for (int64_t a = 0; a < Hq; ++a) {
           const int64_t ih = a * s.sH + ph - s.pT;
-          if (ih < 0 || ih >= s.H) {
+          const bool inside = ih >= 0 && ih < s.H;
+          if (integer) {
+            uint8_t* d = qplanes + (off + a * Wq) * 4;
+            std::fill(d, d + 4 * Wq, uint8_t{0});
+            if (!inside) continue;
+            const uint8_t* rows[4];
+            for (int r = 0; r < 4; ++r) {
+              const int64_t c = 4 * g + r;
+              rows[r] = c < s.C ? x + ((n * s.C + c) * s.H + ih) * s.W : nullptr;
+            }
+            if (s.sW == 1) {
+              Interleave4(rows, s.W, d + 4 * s.pL);
+              continue;
+            }
+            for (int64_t b = 0; b < Wq; ++b) {
+              const int64_t iw = b * s.sW + pw - s.pL;
+              if (iw < 0 || iw >= s.W) continue;
+              for (int r = 0; r < 4; ++r) d[4 * b + r] = rows[r] ? rows[r][iw] : 0;
+            }
+            continue;
+          }
+          float* d = fplanes + off + a * Wq;
+          if (!inside) {
             std::fill(d, d + Wq, 0.0f);
             continue;
           }
-          const uint8_t* row = src + ih * s.W;
+          const uint8_t* row = x + ((n * s.C + g) * s.H + ih) * s.W;
           if (s.sW == 1) {
             std::fill(d, d + s.pL, 0.0f);
             gemm::U8ToFloat(row, s.W, d + s.pL, isa);
@@ -197,13 +373,14 @@ void Conv(const Ort::KernelContext& ctx, const ConvShape& s, const uint8_t* x, c
   }
 
   // Tiles of at most kMaxQ outputs within one output row (a row of OW splits into near-equal
-  // parts), so that every tap reads kMaxQ consecutive floats of a phase plane row.
+  // parts), so that every tap reads kMaxQ consecutive cells of a phase plane row.
   const int64_t parts = (s.OW + kMaxQ - 1) / kMaxQ;
   std::vector<int64_t> starts(static_cast<size_t>(parts + 1));
   for (int64_t i = 0; i <= parts; ++i) starts[i] = i * s.OW / parts;
   const int64_t rows_per_task = std::max<int64_t>(1, kChunkQ / s.OW);
   const int64_t rchunks = (s.OH + rows_per_task - 1) / rows_per_task;
   const int64_t tasks = CheckedMul(CheckedMul(s.N, rchunks, "tasks"), npanels, "tasks");
+  const auto& tile_fns = kTiles[integer ? 1 : 0];
   ParallelFor(ctx, static_cast<size_t>(tasks), [&](size_t task) {
     const int64_t p = static_cast<int64_t>(task) % npanels;
     const int64_t rest = static_cast<int64_t>(task) / npanels;
@@ -212,28 +389,31 @@ void Conv(const Ort::KernelContext& ctx, const ConvShape& s, const uint8_t* x, c
     const int64_t m0 = p * 2 * kLanes, mcount = std::min<int64_t>(nb * kLanes, s.M - m0);
     alignas(64) float tile[kMaxQ * 2 * kLanes];
     TileArgs a{};
-    a.w = w.words.data() + 2 * p * taps * s.C;
-    a.C = s.C;
+    if (integer) {
+      a.w = w.int8.data() + p * groups * taps * 8 * kLanes;
+      a.cstride = cstride * 4;
+    } else {
+      a.w = w.words.data() + 2 * p * taps * s.C;
+      a.cstride = cstride;
+    }
+    a.C = groups;
     a.taps = taps;
-    a.cstride = cstride;
     a.tapoff = tapoff.data();
     a.table = lut.table;
     a.scale = sb.data() + p * 4 * kLanes;
     a.bias = a.scale + 2 * kLanes;
     a.out = tile;
-    const float* xn = planes + n * s.C * cstride;
+    const int64_t image = n * groups * cstride;
     float* yn = y + (n * s.M + m0) * P;
-    const auto& tiles = nb == 2 ? kTiles2 : kTiles1;
+    const auto& tiles = tile_fns[nb - 1];
     const int64_t oh_end = std::min(s.OH, (rc + 1) * rows_per_task);
     for (int64_t oh = rc * rows_per_task; oh < oh_end; ++oh) {
       for (int64_t part = 0; part < parts; ++part) {
         const int64_t ow0 = starts[part], nq = starts[part + 1] - ow0;
-        a.x = xn + oh * Wq + ow0;
+        const int64_t at = image + oh * Wq + ow0;
+        a.x = integer ? static_cast<const void*>(qplanes + at * 4) : fplanes + at;
         tiles[nq - 1](a);
-        float* yo = yn + oh * s.OW + ow0;
-        for (int64_t l = 0; l < mcount; ++l) {
-          for (int64_t j = 0; j < nq; ++j) yo[l * P + j] = tile[j * 2 * kLanes + l];
-        }
+        StoreTile(tile, nq, mcount, yn + oh * s.OW + ow0, P);
       }
     }
   });

@@ -1,4 +1,5 @@
-// LutConv's AVX-512 path: a direct convolution whose weights stay 4-bit codes in memory.
+// LutConv's AVX-512 paths: a direct convolution whose weights stay 4-bit codes in memory, and
+// its exact integer form for integer codebooks.
 //
 // The codes of each block of 16 output channels are repacked once (cached when Codes is a
 // constant initializer) into one 64-bit word per reduction index k = (c, i, j); a broadcast,
@@ -19,27 +20,37 @@ namespace adq::panels {
 
 constexpr int kLanes = 16;  // output channels per block (one zmm of floats)
 
-// Codes of a weight [M, R] repacked: block b (channels 16b..16b+15) pairs with block b+1 in a
-// panel; panel p's words start at 2 * p * R, k-major with one word per block of the panel.
-// Channel 16b + l has its code in bits 4*(l/2) (l even) or 32 + 4*(l/2) (l odd) of word k.
+// Which panel kernel runs: none (LutConv's other paths), float FMAs on 4-bit code words, or
+// exact int8 x uint8 sums (AVX-512 VNNI) when every codebook level is an integer in -128..127.
+enum class Kind { kNone, kFloat, kInt8 };
+
+// Weights repacked per panel of 32 output channels (blocks of 16; the last panel may hold one).
+// kFloat: panel p's code words start at 2 * p * R, k-major with one word per block of the panel;
+//   channel 16b + l has its code in bits 4*(l/2) (l even) or 32 + 4*(l/2) (l odd) of word k.
+// kInt8: the levels as int8, panel p at p * quads * taps * 128 bytes, laid out
+//   [channel quad][tap][block][lane][4 channels of the quad] (zero past C).
 struct Packed {
   int64_t M = 0, R = 0;
   int K = 0;
+  Kind kind = Kind::kNone;
+  const float* codebook = nullptr;  // the Codebook tensor the int8 weights were made from
   std::vector<uint64_t> words;
+  std::vector<int8_t> int8;
 };
 
-// Whether the panel path applies: AVX-512, codes of at most 4 bits (K <= 16), one group.
-bool Usable(Isa isa, int64_t bits, int64_t K, int64_t group);
+// The kernel for this instruction set, codebook, group count and weight shape [M, C, taps].
+Kind Choose(Isa isa, const Lut& lut, int64_t group, int64_t C, int64_t taps);
 
-// Repacks lut's codes into p, checking that every code is < K (an error otherwise).
-void Pack(const Lut& lut, Packed* p);
+// Repacks lut's codes for `kind` (kFloat or kInt8), checking every code is < K.
+void Pack(const Lut& lut, Kind kind, int64_t C, int64_t taps, Packed* p);
 
-// A packed copy of a constant Codes input, made on first use and kept (thread-safe).
+// A packed copy of constant Codes and Codebook inputs, made on first use and kept (thread-safe).
 class Cache {
  public:
-  // The packed codes of lut: for a constant Codes tensor the copy made from it on first use,
+  // The packed weights: for constant inputs the copy made from these tensors on first use,
   // otherwise a fresh packing.
-  std::shared_ptr<const Packed> Get(const Lut& lut, bool codes_constant);
+  std::shared_ptr<const Packed> Get(const Lut& lut, Kind kind, int64_t C, int64_t taps,
+                                    bool constant);
 
  private:
   std::mutex mu_;

@@ -108,17 +108,18 @@ struct LutConv {
     for (int64_t v : dilations_) Check(v > 0 && v < kLimit, "dilations must be positive, got ", ShapeStr(dilations_));
     for (int64_t v : pads_) Check(v >= 0 && v < kLimit, "pads must be non-negative, got ", ShapeStr(pads_));
     Check(group_ >= 1, "group must be >= 1, got ", group_);
-    // A constant Codes input (an initializer) is repacked once for the panel path and kept.
-    int is_constant = 0;
+    // Constant Codes and Codebook (initializers) are repacked once for the panel paths and kept.
     Ort::ConstKernelInfo ki(info);
-    if (ki.GetInputCount() > 2) {
+    constant_ = ki.GetInputCount() > 2;
+    for (size_t i : {size_t{1}, size_t{2}}) {
+      int is_constant = 0;
       try {
-        ki.GetTensorConstantInput(1, &is_constant);
+        if (constant_) ki.GetTensorConstantInput(i, &is_constant);
       } catch (const Ort::Exception&) {
         is_constant = 0;
       }
+      constant_ = constant_ && is_constant != 0;
     }
-    codes_constant_ = is_constant != 0;
   }
 
   Geom Geometry(const Tensor& x, int64_t M) const {
@@ -147,8 +148,9 @@ struct LutConv {
     Lut lut = GetLut(ctx, 1, 2, bits_, M, g.R);
     Affine af = GetAffine(ctx, 3, 4, M);
     float* y = GetOutputFloat(ctx, {g.N, M, g.OH, g.OW});
-    if (panels::Usable(isa_, bits_, lut.K, group_)) {
-      const auto packed = cache_.Get(lut, codes_constant_);
+    const panels::Kind kind = panels::Choose(isa_, lut, group_, g.G, g.kH * g.kW);
+    if (kind != panels::Kind::kNone) {
+      const auto packed = cache_.Get(lut, kind, g.G, g.kH * g.kW, constant_);
       const panels::ConvShape s{g.N,  g.C,  g.H,  g.W,  M,        g.kH,     g.kW,     g.sH, g.sW,
                                 g.dH, g.dW, g.pT, g.pL, pads_[2], pads_[3], g.OH, g.OW};
       panels::Conv(ctx, s, x.as<uint8_t>(), *packed, lut, af, y);
@@ -353,7 +355,7 @@ struct LutConv {
   Isa isa_;
   int64_t bits_, group_;
   Shape kernel_, strides_, pads_, dilations_;
-  bool codes_constant_ = false;
+  bool constant_ = false;
   mutable panels::Cache cache_;
 };
 
