@@ -77,11 +77,10 @@ def emit_adq(
             nodes.append(
                 helper.make_node("Gemm", [x, w], [acc], name=f"{layer.name}/Gemm", transB=1)
             )
-        return nodes + affine_nodes(graph, layer, acc, y, (layer.out_scale * s_w).astype(np.float32))
+        out_scale = (layer.out_scale * s_w).astype(np.float32)
+        return nodes + affine_nodes(graph, layer, acc, y, out_scale)
     tq, q = threshold_node(graph, layer, x)
-    scale = init(
-        graph, layer, "scale", (layer.act.step * s_w * layer.out_scale).astype(np.float32)
-    )
+    scale = init(graph, layer, "scale", (layer.act.step * s_w * layer.out_scale).astype(np.float32))
     bias = init(graph, layer, "bias", layer.out_bias)
     op = "LutConv" if layer.kind == "conv" else "LutGemm"
     attrs = {"bits": layer.bits, **layer.conv}
