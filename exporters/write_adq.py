@@ -2,6 +2,8 @@
 
 Layer with a quantized input:  ThresholdQuant(x) -> uint8 levels -> LutConv / LutGemm.
 Layer with a float input (a W8 first layer): LutDequant -> Conv / Gemm -> Mul / Add.
+A Relu read only by ThresholdQuant nodes (positive scale and thresholds) is dropped: it cannot
+change their levels.
 
 With ``int_codebooks`` every codebook is snapped as the int8 format snaps it (C ~ s_w * c,
 integers c) and stored as the integers c, s_w folded into the layer's scale: the same codes and
@@ -19,6 +21,7 @@ from onnx import helper
 from runtime.packing import pack_rows
 
 from .fold import FoldedLayer, FoldedModel
+from .graph import drop_relu_before_thresholds
 from .skeleton import DOMAIN
 from .write_int8 import snapped, snapping_report
 from .writer import affine_nodes, init, replace_placeholders, set_metadata, set_opsets
@@ -98,6 +101,7 @@ def emit_adq(
 def write_adq(folded: FoldedModel, int_codebooks: bool = False) -> onnx.ModelProto:
     """The adq-format model of a folded checkpoint (see the module docstring for int_codebooks)."""
     model = replace_placeholders(folded, partial(emit_adq, int_codebooks=int_codebooks))
+    drop_relu_before_thresholds(model.graph, DOMAIN)
     set_opsets(model, OPSET, adq_domain=True)
     extra: dict = {"code_packing": "row-aligned, LSB-first bit stream"}
     if int_codebooks:

@@ -96,6 +96,10 @@ def test_graph_uses_the_adq_op_set(name):
     assert len(lut) == with_act
     assert len([n for n in custom if n.op_type == "ThresholdQuant"]) == with_act
     assert len([n for n in custom if n.op_type == "LutDequant"]) == len(folded.layers) - with_act
+    # no Relu is left whose only readers are ThresholdQuant nodes (they are dropped)
+    for relu in (n for n in model.graph.node if n.op_type == "Relu"):
+        readers = [n for n in model.graph.node if relu.output[0] in n.input]
+        assert any(n.op_type != "ThresholdQuant" for n in readers) or not readers
 
 
 def test_float_input_layer_uses_lut_dequant():
