@@ -1,11 +1,15 @@
-"""Benchmark (not a test): ai.adq LutConv / LutGemm vs onnxruntime's own fp32 Conv / Gemm.
+"""Kernel rates (not a test): each ai.adq kernel against the machine's fp32 and int8 GEMM rates.
 
-Same shapes and the same weight values on both sides: the LutConv graph holds packed codes, a
-codebook, Scale and Bias as initializers and takes uint8 levels; the baseline holds the decoded
-fp32 weights and takes the same levels as float. Reports the best and median time of `--repeat`
-runs and GFLOP/s (2 * MACs / best time).
+First the machine: the best of onnxruntime's MatMul (MLAS SGEMM) and torch.matmul on fp32
+[1024 x 1024] x [1024 x 1024], and onnxruntime's MatMulInteger (MLAS u8 x s8 GEMM, VNNI where
+the CPU has it) on the same shape in uint8 / int8. Then, per layer shape, LutConv's float path
+(a float codebook), its int8 path (an integer codebook), LutGemm, and onnxruntime's fp32 Conv /
+Gemm on the same weights: GMAC/s (multiply-adds per second, best of `--repeat`) and the share
+of the machine's fp32 and int8 GEMM rates. The LutConv graph holds packed codes, a codebook,
+Scale and Bias as initializers and takes uint8 levels; the baseline holds the decoded fp32
+weights and takes the same levels as float.
 
-    .venv/bin/python runtime/cpp/bench_ops.py --threads 1 2 --repeat 30
+    .venv/bin/python benchmarks/kernel_rates.py --threads 1 2 --repeat 20
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import numpy as np
 import onnx
 import onnx.helper as oh
 import onnxruntime as ort
+import torch
 from onnx import numpy_helper
 
 from runtime.library import build_library, session_options
@@ -33,6 +38,8 @@ CONV_SHAPES = [
     ("resnet18 128ch 28x28", 1, 128, 28, 28, 128, 3, 1, 1),
     ("resnet18 256ch 14x14 s2", 1, 128, 28, 28, 256, 3, 2, 1),
     ("resnet18 512ch 7x7", 1, 512, 7, 7, 512, 3, 1, 1),
+    ("resnet18 64ch 56x56 batch 8", 8, 64, 56, 56, 64, 3, 1, 1),
+    ("resnet18 512ch 7x7 batch 8", 8, 512, 7, 7, 512, 3, 1, 1),
     ("pointwise 1x1 128->256 28x28", 1, 128, 28, 28, 256, 1, 1, 1),
     ("depthwise 3x3 128ch 28x28", 1, 128, 28, 28, 128, 3, 1, 128),
 ]
@@ -52,11 +59,15 @@ def _model(nodes, inputs, outputs, inits, adq):
 
 
 def _time(sess, feeds, repeat):
-    sess.run(None, feeds)  # warm-up
+    return _time_fn(lambda: sess.run(None, feeds), repeat)
+
+
+def _time_fn(fn, repeat):
+    fn()  # warm-up
     times = []
     for _ in range(repeat):
         t = time.perf_counter()
-        sess.run(None, feeds)
+        fn()
         times.append(time.perf_counter() - t)
     return min(times), float(np.median(times))
 
@@ -66,18 +77,61 @@ def _lut_inits(codes, codebook, scale, bias, bits):
     return [numpy_helper.from_array(a, name) for name, a in arrays.items()]
 
 
-def _weights(rng, bits, m, r):
+def _weights(rng, bits, m, r, integer=False):
     k = 1 << bits
     codes = rng.integers(0, k, size=(m, r))
+    if integer:  # LutConv's exact int8 path
+        codebook = np.sort(rng.choice(np.arange(-127, 128), size=k, replace=False))
+        return codes, codebook.astype(np.float32)
     codebook = np.sort(rng.normal(size=k)).astype(np.float32)
     return codes, codebook
 
 
-def bench_conv(shape, bits, threads, repeat, rng):
+def machine_rates(threads, repeat):
+    """GMAC/s of fp32 GEMM (best of onnxruntime and torch) and of onnxruntime's int8 GEMM."""
+    n = 1024
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(n, n)).astype(np.float32)
+    b = rng.normal(size=(n, n)).astype(np.float32)
+    T = onnx.TensorProto
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+
+    def session(node, xtype, btype, bvalue):
+        model = _model(
+            [node],
+            [oh.make_tensor_value_info("A", xtype, [n, n])],
+            [oh.make_tensor_value_info("Y", T.FLOAT if xtype == T.FLOAT else T.INT32, None)],
+            [numpy_helper.from_array(bvalue, "B")],
+            adq=False,
+        )
+        return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+
+    s_f = session(oh.make_node("MatMul", ["A", "B"], ["Y"]), T.FLOAT, T.FLOAT, b)
+    ort_f, _ = _time(s_f, {"A": a}, repeat)
+    torch.set_num_threads(threads)
+    ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+    torch_f, _ = _time_fn(lambda: torch.matmul(ta, tb), repeat)
+    au8 = rng.integers(0, 256, size=(n, n), dtype=np.uint8)
+    bs8 = rng.integers(-128, 128, size=(n, n), dtype=np.int8)
+    s_i = session(oh.make_node("MatMulInteger", ["A", "B"], ["Y"]), T.UINT8, T.INT8, bs8)
+    ort_i, _ = _time(s_i, {"A": au8}, repeat)
+    macs = float(n) ** 3
+    rates = {
+        "fp32_onnxruntime": macs / ort_f / 1e9,
+        "fp32_torch": macs / torch_f / 1e9,
+        "int8_onnxruntime": macs / ort_i / 1e9,
+    }
+    rates["fp32"] = max(rates["fp32_onnxruntime"], rates["fp32_torch"])
+    rates["int8"] = rates["int8_onnxruntime"]
+    return rates
+
+
+def bench_conv(shape, bits, threads, repeat, rng, rates, integer=False):
     name, n, c, h, w, m, k, s, g = shape
     pad = k // 2
     r = (c // g) * k * k
-    codes, codebook = _weights(rng, bits, m, r)
+    codes, codebook = _weights(rng, bits, m, r, integer)
     wf = codebook[codes].reshape(m, c // g, k, k)
     scale = rng.uniform(0.5, 1.5, size=m).astype(np.float32)
     bias = rng.normal(size=m).astype(np.float32)
@@ -103,11 +157,14 @@ def bench_conv(shape, bits, threads, repeat, rng):
         adq=False,
     )
     oh_ = (h + 2 * pad - k) // s + 1
-    flops = 2.0 * n * m * oh_ * oh_ * r
-    return _compare(name, adq, {"X": x}, fp32, {"X": x.astype(np.float32)}, flops, threads, repeat)
+    macs = float(n) * m * oh_ * oh_ * r
+    label = f"LutConv {'int8' if integer else 'float'}: {name}"
+    return _compare(
+        label, adq, {"X": x}, fp32, {"X": x.astype(np.float32)}, macs, threads, repeat, rates
+    )
 
 
-def bench_gemm(shape, bits, threads, repeat, rng):
+def bench_gemm(shape, bits, threads, repeat, rng, rates):
     name, n, kin, m = shape
     codes, codebook = _weights(rng, bits, m, kin)
     wf = codebook[codes]
@@ -132,11 +189,14 @@ def bench_gemm(shape, bits, threads, repeat, rng):
         ],
         adq=False,
     )
-    flops = 2.0 * n * m * kin
-    return _compare(name, adq, {"X": x}, fp32, {"X": x.astype(np.float32)}, flops, threads, repeat)
+    macs = float(n) * m * kin
+    label = f"LutGemm: {name}"
+    return _compare(
+        label, adq, {"X": x}, fp32, {"X": x.astype(np.float32)}, macs, threads, repeat, rates
+    )
 
 
-def _compare(name, adq, adq_feeds, fp32, fp32_feeds, flops, threads, repeat):
+def _compare(name, adq, adq_feeds, fp32, fp32_feeds, macs, threads, repeat, rates):
     so_adq = session_options(num_threads=threads)
     so_fp = ort.SessionOptions()
     so_fp.intra_op_num_threads = threads
@@ -145,34 +205,47 @@ def _compare(name, adq, adq_feeds, fp32, fp32_feeds, flops, threads, repeat):
     y_adq = s_adq.run(None, adq_feeds)[0]
     y_fp = s_fp.run(None, fp32_feeds)[0]
     err = float(np.abs(y_adq - y_fp).max() / max(1.0, np.abs(y_fp).max()))
-    a_best, a_med = _time(s_adq, adq_feeds, repeat)
-    f_best, f_med = _time(s_fp, fp32_feeds, repeat)
+    a_best, _ = _time(s_adq, adq_feeds, repeat)
+    f_best, _ = _time(s_fp, fp32_feeds, repeat)
+    a_rate, f_rate = macs / a_best / 1e9, macs / f_best / 1e9
     print(
-        f"{name:30s} thr={threads} | adq {a_best * 1e3:8.3f} ms (med {a_med * 1e3:8.3f}) "
-        f"{flops / a_best / 1e9:6.1f} GFLOP/s | fp32 {f_best * 1e3:8.3f} ms "
-        f"(med {f_med * 1e3:8.3f}) {flops / f_best / 1e9:6.1f} GFLOP/s | "
-        f"adq/fp32 {a_best / f_best:5.2f}x | rel.err {err:.1e}",
+        f"| {name} | {threads} | {a_best * 1e3:.3f} | {a_rate:.0f} | "
+        f"{100 * a_rate / rates['fp32']:.0f}% | {100 * a_rate / rates['int8']:.0f}% | "
+        f"{f_best * 1e3:.3f} | {f_rate:.0f} | {a_best / f_best:.2f}x | {err:.0e} |",
         flush=True,
     )
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--threads", type=int, nargs="+", default=[1])
+    ap.add_argument("--threads", type=int, nargs="+", default=[2])
     ap.add_argument("--repeat", type=int, default=20)
-    ap.add_argument("--bits", type=int, default=4)
+    ap.add_argument("--bits", type=int, default=3)
     ap.add_argument("--only", default="", help="substring of the shape names to run")
     args = ap.parse_args()
     build_library()
     rng = np.random.default_rng(0)
-    print(f"onnxruntime {ort.__version__}, bits={args.bits}")
+    print(f"onnxruntime {ort.__version__}, torch {torch.__version__}, weight bits {args.bits}")
     for threads in args.threads:
+        rates = machine_rates(threads, args.repeat)
+        print(
+            f"\nthreads={threads}: machine fp32 GEMM {rates['fp32']:.0f} GMAC/s (onnxruntime "
+            f"{rates['fp32_onnxruntime']:.0f}, torch {rates['fp32_torch']:.0f}); int8 GEMM "
+            f"(onnxruntime MatMulInteger) {rates['int8']:.0f} GMAC/s\n"
+        )
+        print(
+            "| kernel: shape | threads | ms | GMAC/s | of fp32 GEMM | of int8 GEMM | "
+            "onnxruntime fp32 ms | its GMAC/s | ours / onnxruntime | rel. err |"
+        )
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for shape in CONV_SHAPES:
             if args.only in shape[0]:
-                bench_conv(shape, args.bits, threads, args.repeat, rng)
+                bench_conv(shape, args.bits, threads, args.repeat, rng, rates)
+                if shape[8] == 1:
+                    bench_conv(shape, args.bits, threads, args.repeat, rng, rates, integer=True)
         for shape in GEMM_SHAPES:
             if args.only in shape[0]:
-                bench_gemm(shape, args.bits, threads, args.repeat, rng)
+                bench_gemm(shape, args.bits, threads, args.repeat, rng, rates)
 
 
 if __name__ == "__main__":
