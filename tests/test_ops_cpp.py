@@ -271,6 +271,38 @@ def test_lut_conv_constant_codes_run_twice(so2):
         np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5 * max(1, np.abs(ref).max()))
 
 
+def test_concurrent_first_runs_share_one_packing(so2):
+    """Several threads run a fresh session at once (the first runs repack the constant codes):
+    every result equals the reference."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(7)
+    packed, codebook = _codes(rng, 3, 40, 24 * 9)
+    inputs = {
+        "X": _levels(rng, (2, 24, 9, 10)),
+        "Codes": packed,
+        "Codebook": codebook,
+        "Scale": np.full(40, 0.5, np.float32),
+        "Bias": None,
+    }
+    attrs = {"bits": 3, "kernel_shape": [3, 3], "pads": [1, 1, 1, 1]}
+    ref = run_single("LutConv", inputs, attrs)
+    for integer in (False, True):
+        if integer:
+            inputs["Codebook"] = np.arange(-4, len(codebook) - 4, dtype=np.float32)
+            ref = run_single("LutConv", inputs, attrs)
+        consts = ("Codes", "Codebook", "Scale")
+        model = single_op_model("LutConv", inputs, attrs, constants=consts)
+        sess = ort.InferenceSession(
+            model.SerializeToString(), so2, providers=["CPUExecutionProvider"]
+        )
+        with ThreadPoolExecutor(4) as pool:
+            feeds = [{"X": inputs["X"]}] * 8
+            outs = [o[0] for o in pool.map(lambda f, s=sess: s.run(None, f), feeds)]
+        for out in outs:
+            np.testing.assert_allclose(out, ref, rtol=0, atol=1e-5 * max(1, np.abs(ref).max()))
+
+
 def test_invalid_constant_code_is_an_error(so2):
     inputs, attrs = _conv_ok(bits=3)
     inputs["Codes"] = pack_rows(np.full((6, 36), 5), 3)

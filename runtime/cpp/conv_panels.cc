@@ -16,11 +16,13 @@ namespace {
 
 constexpr int kMaxQ = 12;     // outputs per float micro-tile (2 x 12 accumulators)
 constexpr int kMaxQInt = 8;   // outputs per int8 micro-tile: measured faster than 12 here
+constexpr int kMaxQAvx2 = 5;  // outputs per AVX2 micro-tile (16 channels: 2 x 5 accumulators)
 constexpr int64_t kChunkQ = 16 * kMaxQ;  // flat outputs per task
 constexpr int64_t kChunkK = 128;         // k-steps summed in registers before adding up
 
 struct TileArgs {
   const void* w;           // the panel's weights: code words (float path) or int8 (integer)
+  int64_t wstride;         // AVX2 tiles (one block of a panel): words per k
   int64_t C, taps, cstride;  // C: channels (float) or channel quads (integer)
   const int64_t* tapoff;   // per tap: offset inside a channel's (quad's) phase planes
   const void* x;           // channel 0 of the image, at the tile's first output
@@ -118,6 +120,61 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void TileInt(const TileAr
   }
 }
 
+// AVX2 + FMA: one block of 16 channels (two ymm) x NQ outputs. The same code words: shifts by
+// 0, 4, 8, 12 (and 16 ... 28) per 64-bit lane leave channels 0..7 (8..15) in the low nibbles
+// of the dwords; vpermps reads 3 index bits, so K > 8 takes a second table and a blend on bit 3.
+// Codebook levels of the low 4 bits of each dword of idx (t0: levels 0..7, t1: 8..15).
+template <bool WIDE>
+__attribute__((target("avx2"))) inline __m256 Lookup8(__m256i idx, __m256 t0, __m256 t1) {
+  const __m256 lo = _mm256_permutevar8x32_ps(t0, idx);
+  if (!WIDE) return lo;
+  const __m256 hi = _mm256_permutevar8x32_ps(t1, idx);
+  return _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+}
+
+template <int NQ, bool WIDE>
+__attribute__((target("avx2,fma"))) void TileAvx2(const TileArgs& a) {
+  const __m256i sh_lo = _mm256_setr_epi64x(0, 4, 8, 12);
+  const __m256i sh_hi = _mm256_setr_epi64x(16, 20, 24, 28);
+  const __m256 t0 = _mm256_loadu_ps(a.table), t1 = _mm256_loadu_ps(a.table + 8);
+  const uint64_t* w = static_cast<const uint64_t*>(a.w);
+  const int64_t cchunk = std::max<int64_t>(1, kChunkK / a.taps);
+  int64_t c0 = 0;
+  do {
+    __m256 acc[2][NQ];
+    for (int j = 0; j < NQ; ++j) acc[0][j] = acc[1][j] = _mm256_setzero_ps();
+    const int64_t c1 = std::min(a.C, c0 + cchunk);
+    const float* xc = static_cast<const float*>(a.x) + c0 * a.cstride;
+    for (int64_t c = c0; c < c1; ++c, xc += a.cstride) {
+      for (int64_t t = 0; t < a.taps; ++t, w += a.wstride) {
+        const float* xt = xc + a.tapoff[t];
+        const __m256i q = _mm256_set1_epi64x(static_cast<long long>(*w));
+        const __m256 w0 = Lookup8<WIDE>(_mm256_srlv_epi64(q, sh_lo), t0, t1);
+        const __m256 w1 = Lookup8<WIDE>(_mm256_srlv_epi64(q, sh_hi), t0, t1);
+        for (int j = 0; j < NQ; ++j) {
+          const __m256 xv = _mm256_broadcast_ss(xt + j);
+          acc[0][j] = _mm256_fmadd_ps(w0, xv, acc[0][j]);
+          acc[1][j] = _mm256_fmadd_ps(w1, xv, acc[1][j]);
+        }
+      }
+    }
+    for (int j = 0; j < NQ; ++j) {
+      for (int h = 0; h < 2; ++h) {
+        float* o = a.out + j * 2 * kLanes + h * 8;
+        _mm256_storeu_ps(o, c0 == 0 ? acc[h][j] : _mm256_add_ps(_mm256_loadu_ps(o), acc[h][j]));
+      }
+    }
+    c0 = c1;
+  } while (c0 < a.C);
+  for (int h = 0; h < 2; ++h) {
+    const __m256 s = _mm256_loadu_ps(a.scale + h * 8), bias = _mm256_loadu_ps(a.bias + h * 8);
+    for (int j = 0; j < NQ; ++j) {
+      float* o = a.out + j * 2 * kLanes + h * 8;
+      _mm256_storeu_ps(o, _mm256_fmadd_ps(_mm256_loadu_ps(o), s, bias));
+    }
+  }
+}
+
 using TileFn = void (*)(const TileArgs&);
 
 template <int NB, size_t... Q>
@@ -177,6 +234,14 @@ __attribute__((target("avx512f"))) void StoreTile(const float* tile, int64_t nq,
   }
 }
 
+template <bool WIDE, size_t... Q>
+constexpr std::array<TileFn, sizeof...(Q)> TilesAvx2(std::index_sequence<Q...>) {
+  return {&TileAvx2<static_cast<int>(Q) + 1, WIDE>...};
+}
+constexpr std::array<TileFn, kMaxQAvx2> kTilesAvx2[2] = {
+    TilesAvx2<false>(std::make_index_sequence<kMaxQAvx2>{}),
+    TilesAvx2<true>(std::make_index_sequence<kMaxQAvx2>{})};
+
 bool HasVnni() {
   static const bool has = __builtin_cpu_supports("avx512f") &&
                           __builtin_cpu_supports("avx512bw") &&
@@ -209,8 +274,8 @@ void Interleave4(const uint8_t* const rows[4], int64_t n, uint8_t* dst) {
 }  // namespace
 
 Kind Choose(Isa isa, const Lut& lut, int64_t group, int64_t C, int64_t taps) {
-  if (isa != Isa::kAvx512 || group != 1) return Kind::kNone;
-  bool integral = HasVnni();
+  if (isa == Isa::kScalar || group != 1) return Kind::kNone;
+  bool integral = isa == Isa::kAvx512 && HasVnni();
   for (int i = 0; i < lut.K && integral; ++i) {
     const float v = lut.codebook[i];
     integral = v >= -128.0f && v <= 127.0f && v == static_cast<float>(static_cast<int>(v));
@@ -279,7 +344,7 @@ std::shared_ptr<const Packed> Cache::Get(const Lut& lut, Kind kind, int64_t C, i
 }
 
 void Conv(const Ort::KernelContext& ctx, const ConvShape& s, const uint8_t* x, const Packed& w,
-          const Lut& lut, const Affine& af, float* y) {
+          const Lut& lut, const Affine& af, float* y, Isa isa) {
   const bool integer = w.kind == Kind::kInt8;
   const int64_t Hp = s.H + s.pT + s.pB, Wp = s.W + s.pL + s.pR;
   const int64_t Hq = (Hp + s.sH - 1) / s.sH, Wq = (Wp + s.sW - 1) / s.sW;
@@ -313,7 +378,6 @@ void Conv(const Ort::KernelContext& ctx, const ConvShape& s, const uint8_t* x, c
   } else {
     fplanes = ThreadScratch<kConvInput>(plane_elems + kLanes);
   }
-  const Isa isa = Isa::kAvx512;
   ParallelFor(ctx, static_cast<size_t>(NG), [&](size_t t) {
     const int64_t n = static_cast<int64_t>(t) / groups, g = static_cast<int64_t>(t) % groups;
     for (int64_t ph = 0; ph < s.sH; ++ph) {
@@ -375,7 +439,8 @@ void Conv(const Ort::KernelContext& ctx, const ConvShape& s, const uint8_t* x, c
 
   // Tiles of at most qmax outputs within one output row (a row of OW splits into near-equal
   // parts), so that every tap reads qmax consecutive cells of a phase plane row.
-  const int64_t qmax = integer ? kMaxQInt : kMaxQ;
+  const bool avx2 = isa != Isa::kAvx512;
+  const int64_t qmax = integer ? kMaxQInt : avx2 ? kMaxQAvx2 : kMaxQ;
   const int64_t parts = (s.OW + qmax - 1) / qmax;
   std::vector<int64_t> starts(static_cast<size_t>(parts + 1));
   for (int64_t i = 0; i <= parts; ++i) starts[i] = i * s.OW / parts;
@@ -407,8 +472,31 @@ void Conv(const Ort::KernelContext& ctx, const ConvShape& s, const uint8_t* x, c
     a.out = tile;
     const int64_t image = n * groups * cstride;
     float* yn = y + (n * s.M + m0) * P;
-    const auto& tiles = tile_fns[nb - 1];
     const int64_t oh_end = std::min(s.OH, (rc + 1) * rows_per_task);
+    if (avx2) {  // each block of the panel on its own
+      const auto& tiles = kTilesAvx2[lut.K > 8 ? 1 : 0];
+      const uint64_t* words = static_cast<const uint64_t*>(a.w);
+      for (int64_t b = 0; b < nb; ++b) {
+        a.w = words + b;
+        a.wstride = nb;
+        a.scale = sb.data() + p * 4 * kLanes + b * kLanes;
+        a.bias = a.scale + 2 * kLanes;
+        const int64_t lanes = std::min<int64_t>(kLanes, mcount - b * kLanes);
+        for (int64_t oh = rc * rows_per_task; oh < oh_end; ++oh) {
+          for (int64_t part = 0; part < parts; ++part) {
+            const int64_t ow0 = starts[part], nq = starts[part + 1] - ow0;
+            a.x = fplanes + image + oh * Wq + ow0;
+            tiles[nq - 1](a);
+            float* yo = yn + b * kLanes * P + oh * s.OW + ow0;
+            for (int64_t l = 0; l < lanes; ++l) {
+              for (int64_t j = 0; j < nq; ++j) yo[l * P + j] = tile[j * 2 * kLanes + l];
+            }
+          }
+        }
+      }
+      return;
+    }
+    const auto& tiles = tile_fns[nb - 1];
     for (int64_t oh = rc * rows_per_task; oh < oh_end; ++oh) {
       for (int64_t part = 0; part < parts; ++part) {
         const int64_t ow0 = starts[part], nq = starts[part + 1] - ow0;

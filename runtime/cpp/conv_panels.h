@@ -1,5 +1,5 @@
-// LutConv's AVX-512 paths: a direct convolution whose weights stay 4-bit codes in memory, and
-// its exact integer form for integer codebooks.
+// LutConv's fast paths (AVX-512, AVX2): a direct convolution whose weights stay 4-bit codes in
+// memory, and on AVX-512 VNNI its exact integer form for integer codebooks.
 //
 // The codes of each block of 16 output channels are repacked once (cached when Codes is a
 // constant initializer) into one 64-bit word per reduction index k = (c, i, j); a broadcast,
@@ -20,8 +20,9 @@ namespace adq::panels {
 
 constexpr int kLanes = 16;  // output channels per block (one zmm of floats)
 
-// Which panel kernel runs: none (LutConv's other paths), float FMAs on 4-bit code words, or
-// exact int8 x uint8 sums (AVX-512 VNNI) when every codebook level is an integer in -128..127.
+// Which panel kernel runs: none (LutConv's other paths), float FMAs on 4-bit code words (AVX-512
+// or AVX2), or exact int8 x uint8 sums (AVX-512 VNNI) when every codebook level is an integer
+// in -128..127.
 enum class Kind { kNone, kFloat, kInt8 };
 
 // Weights repacked per panel of 32 output channels (blocks of 16; the last panel may hold one).
@@ -38,7 +39,8 @@ struct Packed {
   std::vector<int8_t> int8;
 };
 
-// The kernel for this instruction set, codebook, group count and weight shape [M, C, taps].
+// The kernel for this instruction set, codebook, group count and weight shape [M, C, taps]
+// (none for the scalar fallback).
 Kind Choose(Isa isa, const Lut& lut, int64_t group, int64_t C, int64_t taps);
 
 // Repacks lut's codes for `kind` (kFloat or kInt8), checking every code is < K.
@@ -62,8 +64,9 @@ struct ConvShape {
   int64_t N, C, H, W, M, kH, kW, sH, sW, dH, dW, pT, pL, pB, pR, OH, OW;
 };
 
-// Y[n, m] = Scale[m] * conv(X, Codebook[codes]) + Bias[m] for group 1 (docs/onnx-ops.md).
+// Y[n, m] = Scale[m] * conv(X, Codebook[codes]) + Bias[m] for group 1 (docs/onnx-ops.md);
+// isa: kAvx512 or kAvx2 (kFloat only).
 void Conv(const Ort::KernelContext& ctx, const ConvShape& s, const uint8_t* x, const Packed& w,
-          const Lut& lut, const Affine& af, float* y);
+          const Lut& lut, const Affine& af, float* y, Isa isa);
 
 }  // namespace adq::panels

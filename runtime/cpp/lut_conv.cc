@@ -153,7 +153,7 @@ struct LutConv {
       const auto packed = cache_.Get(lut, kind, g.G, g.kH * g.kW, constant_);
       const panels::ConvShape s{g.N,  g.C,  g.H,  g.W,  M,        g.kH,     g.kW,     g.sH, g.sW,
                                 g.dH, g.dW, g.pT, g.pL, pads_[2], pads_[3], g.OH, g.OW};
-      panels::Conv(ctx, s, x.as<uint8_t>(), *packed, lut, af, y);
+      panels::Conv(ctx, s, x.as<uint8_t>(), *packed, lut, af, y, isa_);
       return;
     }
     const bool direct = g.Mg <= 2;
