@@ -16,6 +16,7 @@
 #include <new>
 #include <sstream>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -248,7 +249,7 @@ void ParallelFor(const Ort::KernelContext& ctx, size_t n, F&& f) {
     return;
   }
   struct State {
-    F* f;
+    std::remove_reference_t<F>* f;
     std::atomic<bool> failed{false};
     std::mutex mu;
     std::string msg;

@@ -15,6 +15,7 @@ namespace adq::panels {
 namespace {
 
 constexpr int kMaxQ = 12;     // outputs per float micro-tile (2 x 12 accumulators)
+constexpr int kMaxQ1 = 24;    // outputs per float micro-tile of a one-block panel (1 x 24)
 constexpr int kMaxQInt = 8;   // outputs per int8 micro-tile: measured faster than 12 here
 constexpr int kMaxQAvx2 = 5;  // outputs per AVX2 micro-tile (16 channels: 2 x 5 accumulators)
 constexpr int64_t kChunkQ = 16 * kMaxQ;  // flat outputs per task
@@ -60,7 +61,7 @@ __attribute__((target("avx512f"))) void Tile(const TileArgs& a) {
               _mm512_srlv_epi64(_mm512_set1_epi64(static_cast<long long>(w[b])), shifts);
           wv[b] = _mm512_permutexvar_ps(idx, table);
         }
-#pragma GCC unroll 12
+#pragma GCC unroll 32
         for (int j = 0; j < NQ; ++j) {
           const __m512 xv = _mm512_set1_ps(xt[j]);
           for (int b = 0; b < NB; ++b) acc[b][j] = _mm512_fmadd_ps(wv[b], xv, acc[b][j]);
@@ -101,7 +102,7 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void TileInt(const TileAr
       const uint8_t* xt = xc + a.tapoff[t];
       __m512i wv[NB];
       for (int b = 0; b < NB; ++b) wv[b] = _mm512_loadu_si512(w + b * 4 * kLanes);
-#pragma GCC unroll 12
+#pragma GCC unroll 32
       for (int j = 0; j < NQ; ++j) {
         int32_t quad;
         std::memcpy(&quad, xt + 4 * j, 4);
@@ -151,6 +152,7 @@ __attribute__((target("avx2,fma"))) void TileAvx2(const TileArgs& a) {
         const __m256i q = _mm256_set1_epi64x(static_cast<long long>(*w));
         const __m256 w0 = Lookup8<WIDE>(_mm256_srlv_epi64(q, sh_lo), t0, t1);
         const __m256 w1 = Lookup8<WIDE>(_mm256_srlv_epi64(q, sh_hi), t0, t1);
+#pragma GCC unroll 32
         for (int j = 0; j < NQ; ++j) {
           const __m256 xv = _mm256_broadcast_ss(xt + j);
           acc[0][j] = _mm256_fmadd_ps(w0, xv, acc[0][j]);
@@ -185,6 +187,7 @@ template <int NB, size_t... Q>
 constexpr std::array<TileFn, sizeof...(Q)> TilesInt(std::index_sequence<Q...>) {
   return {&TileInt<NB, static_cast<int>(Q) + 1>...};
 }
+constexpr auto kTilesOneBlock = Tiles<1>(std::make_index_sequence<kMaxQ1>{});
 constexpr std::array<TileFn, kMaxQ> kTiles[2][2] = {
     {Tiles<1>(std::make_index_sequence<kMaxQ>{}), Tiles<2>(std::make_index_sequence<kMaxQ>{})},
     {TilesInt<1>(std::make_index_sequence<kMaxQ>{}),
@@ -219,18 +222,25 @@ __attribute__((target("avx512f"))) inline void Transpose16(__m512 r[16]) {
   }
 }
 
-// Writes a tile [nq][32] (outputs x channels) to NCHW rows: y[l * P + j] = tile[j][l].
+// Writes a tile [nq][32] (outputs x channels) to NCHW rows: y[l * P + j] = tile[j][l], through
+// 16 x 16 transposes in registers and masked stores.
 __attribute__((target("avx512f"))) void StoreTile(const float* tile, int64_t nq, int64_t mcount,
                                                   float* y, int64_t P) {
-  const __mmask16 mask = static_cast<__mmask16>((1u << nq) - 1u);
-  for (int64_t b = 0; b * kLanes < mcount; ++b) {
-    __m512 r[16];
-    for (int j = 0; j < 16; ++j) {
-      r[j] = j < nq ? _mm512_loadu_ps(tile + j * 2 * kLanes + b * kLanes) : _mm512_setzero_ps();
+  for (int64_t q0 = 0; q0 < nq; q0 += 16) {
+    const int64_t n = std::min<int64_t>(16, nq - q0);
+    const __mmask16 mask = static_cast<__mmask16>((1u << n) - 1u);
+    for (int64_t b = 0; b * kLanes < mcount; ++b) {
+      __m512 r[16];
+      for (int j = 0; j < 16; ++j) {
+        r[j] = j < n ? _mm512_loadu_ps(tile + (q0 + j) * 2 * kLanes + b * kLanes)
+                     : _mm512_setzero_ps();
+      }
+      Transpose16(r);
+      const int64_t lanes = std::min<int64_t>(kLanes, mcount - b * kLanes);
+      for (int64_t l = 0; l < lanes; ++l) {
+        _mm512_mask_storeu_ps(y + (b * kLanes + l) * P + q0, mask, r[l]);
+      }
     }
-    Transpose16(r);
-    const int64_t lanes = std::min<int64_t>(kLanes, mcount - b * kLanes);
-    for (int64_t l = 0; l < lanes; ++l) _mm512_mask_storeu_ps(y + (b * kLanes + l) * P, mask, r[l]);
   }
 }
 
@@ -378,7 +388,7 @@ void Conv(const Ort::KernelContext& ctx, const ConvShape& s, const uint8_t* x, c
   } else {
     fplanes = ThreadScratch<kConvInput>(plane_elems + kLanes);
   }
-  ParallelFor(ctx, static_cast<size_t>(NG), [&](size_t t) {
+  auto convert = [&](size_t t) {
     const int64_t n = static_cast<int64_t>(t) / groups, g = static_cast<int64_t>(t) % groups;
     for (int64_t ph = 0; ph < s.sH; ++ph) {
       for (int64_t pw = 0; pw < s.sW; ++pw) {
@@ -426,7 +436,13 @@ void Conv(const Ort::KernelContext& ctx, const ConvShape& s, const uint8_t* x, c
         }
       }
     }
-  });
+  };
+  // Small inputs are converted on the calling thread: waking the pool costs more than it saves.
+  if (plane_elems < (int64_t{1} << 16)) {
+    for (int64_t t = 0; t < NG; ++t) convert(static_cast<size_t>(t));
+  } else {
+    ParallelFor(ctx, static_cast<size_t>(NG), convert);
+  }
 
   // Scales and biases padded to whole panels.
   const int64_t blocks = (s.M + kLanes - 1) / kLanes, npanels = (blocks + 1) / 2;
@@ -440,11 +456,21 @@ void Conv(const Ort::KernelContext& ctx, const ConvShape& s, const uint8_t* x, c
   // Tiles of at most qmax outputs within one output row (a row of OW splits into near-equal
   // parts), so that every tap reads qmax consecutive cells of a phase plane row.
   const bool avx2 = isa != Isa::kAvx512;
-  const int64_t qmax = integer ? kMaxQInt : avx2 ? kMaxQAvx2 : kMaxQ;
-  const int64_t parts = (s.OW + qmax - 1) / qmax;
-  std::vector<int64_t> starts(static_cast<size_t>(parts + 1));
-  for (int64_t i = 0; i <= parts; ++i) starts[i] = i * s.OW / parts;
-  const int64_t rows_per_task = std::max<int64_t>(1, kChunkQ / s.OW);
+  // qmax: outputs per tile for panels of two blocks and of one (a panel of 16 channels has room
+  // for twice the outputs in the float AVX-512 kernel).
+  const int64_t qmax2 = integer ? kMaxQInt : avx2 ? kMaxQAvx2 : kMaxQ;
+  const int64_t qmax1 = integer || avx2 ? qmax2 : kMaxQ1;
+  auto split = [&](int64_t qmax) {
+    const int64_t parts = (s.OW + qmax - 1) / qmax;
+    std::vector<int64_t> starts(static_cast<size_t>(parts + 1));
+    for (int64_t i = 0; i <= parts; ++i) starts[i] = i * s.OW / parts;
+    return starts;
+  };
+  const std::vector<int64_t> starts2 = split(qmax2), starts1 = split(qmax1);
+  // Rows per task: up to about kChunkQ outputs, fewer when that leaves too few tasks to share.
+  const int64_t row_tasks = CheckedMul(s.N * s.OH, npanels, "tasks");
+  const int64_t rows_per_task = std::max<int64_t>(
+      1, std::min<int64_t>(kChunkQ / s.OW, row_tasks / (2 * static_cast<int64_t>(TaskHint()))));
   const int64_t rchunks = (s.OH + rows_per_task - 1) / rows_per_task;
   const int64_t tasks = CheckedMul(CheckedMul(s.N, rchunks, "tasks"), npanels, "tasks");
   const auto& tile_fns = kTiles[integer ? 1 : 0];
@@ -454,7 +480,7 @@ void Conv(const Ort::KernelContext& ctx, const ConvShape& s, const uint8_t* x, c
     const int64_t rc = rest % rchunks, n = rest / rchunks;
     const int64_t nb = std::min<int64_t>(2, blocks - 2 * p);
     const int64_t m0 = p * 2 * kLanes, mcount = std::min<int64_t>(nb * kLanes, s.M - m0);
-    alignas(64) float tile[kMaxQ * 2 * kLanes];
+    alignas(64) float tile[kMaxQ1 * 2 * kLanes];
     TileArgs a{};
     if (integer) {
       a.w = w.int8.data() + p * groups * taps * 8 * kLanes;
@@ -473,6 +499,8 @@ void Conv(const Ort::KernelContext& ctx, const ConvShape& s, const uint8_t* x, c
     const int64_t image = n * groups * cstride;
     float* yn = y + (n * s.M + m0) * P;
     const int64_t oh_end = std::min(s.OH, (rc + 1) * rows_per_task);
+    const std::vector<int64_t>& starts = nb == 2 ? starts2 : starts1;
+    const int64_t parts = static_cast<int64_t>(starts.size()) - 1;
     if (avx2) {  // each block of the panel on its own
       const auto& tiles = kTilesAvx2[lut.K > 8 ? 1 : 0];
       const uint64_t* words = static_cast<const uint64_t*>(a.w);
@@ -496,7 +524,7 @@ void Conv(const Ort::KernelContext& ctx, const ConvShape& s, const uint8_t* x, c
       }
       return;
     }
-    const auto& tiles = tile_fns[nb - 1];
+    const TileFn* tiles = nb == 1 && !integer ? kTilesOneBlock.data() : tile_fns[nb - 1].data();
     for (int64_t oh = rc * rows_per_task; oh < oh_end; ++oh) {
       for (int64_t part = 0; part < parts; ++part) {
         const int64_t ow0 = starts[part], nq = starts[part + 1] - ow0;
