@@ -10,9 +10,16 @@ qmax = min(127, floor(32767 / (2 * (2^a_bits - 1)))), 64 for 8-bit activations.
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import onnx
+import torch
 from onnx import TensorProto, helper
+from torch import nn
+
+from adq_deploy.checkpoint import Checkpoint
+from adq_deploy.quant import QuantLayerMixin
 
 from .fold import FoldedLayer, FoldedModel
 from .write_standard import level_nodes
@@ -81,6 +88,25 @@ def emit_int8(graph: onnx.GraphProto, layer: FoldedLayer, x: str, y: str) -> lis
     )
     out_scale = (np.float64(scale_w) * layer.act.step * layer.out_scale).astype(np.float32)
     return nodes + affine_nodes(graph, layer, acc, y, out_scale)
+
+
+def snapped_model(checkpoint: Checkpoint, folded: FoldedModel) -> nn.Module:
+    """The PyTorch reference of a snapped export (int8, adq --int-codebooks): a copy of the
+    checkpoint's model whose codebooks are snapped as `snapped` does, with the same codes."""
+    model = copy.deepcopy(checkpoint.model).eval()
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLayerMixin)}
+    with torch.no_grad():
+        for name, layer in layers.items():
+            f = folded.layers[name]
+            scale, ints, _ = snapped(f)
+            book = (np.float64(scale) * ints.astype(np.float64)).astype(np.float32)
+            weight = torch.from_numpy(book[f.codes])
+            layer.weight_quant.codebook.copy_(torch.from_numpy(book))
+            layer.weight.copy_(weight)
+            # the forward pass reassigns codes: it must find the snapped levels again
+            if not torch.equal(layer.quantized_weight(), weight):
+                raise ValueError(f"{name}: the snapped codebook does not keep the codes")
+    return model
 
 
 def snapping_report(folded: FoldedModel) -> dict[str, dict[str, float]]:

@@ -58,6 +58,11 @@ class Report:
     file_size_bytes: int
     session_peak_rss_mb: dict[str, float]
     thresholds: dict[str, float]
+    # "checkpoint", or "snapped" for exports with snapped codebooks (int8, adq --int-codebooks):
+    # parity is then measured against the checkpoint's model with those codebooks, and the
+    # accuracy gate against the checkpoint's own accuracy (original_top1).
+    reference: str = "checkpoint"
+    original_top1: float | None = None
     failures: list[str] = field(default_factory=list)
 
     @property
@@ -150,15 +155,25 @@ def validate(
     fmt = model_format(proto)
     ck = load_checkpoint(checkpoint, allow_import=allow_import)
     torch_model = ck.model.eval()
+    snapped = "adq.snapping" in {p.key for p in proto.metadata_props}
+    original_model = None
+    if snapped:  # compare with the codebooks the export snapped; accuracy also vs the original
+        from exporters.fold import fold
+        from exporters.write_int8 import snapped_model
+
+        original_model, torch_model = torch_model, snapped_model(ck, fold(ck))
     if threads:
         torch.set_num_threads(threads)
     sess = make_session(model_path, fmt, threads)
     input_name = sess.get_inputs()[0].name
     _, loader, _ = make_loaders(dataset, data_dir, 256, test_limit=samples, augment=False)
 
-    t_logits, o_logits, labels, dists = [], [], [], []
+    t_logits, o_logits, labels, dists, orig_correct = [], [], [], [], 0
     for x, y in tqdm(loader, desc="parity", disable=not progress, leave=False):
         t, d = logits_and_tie_distance(torch_model, x)
+        if original_model is not None:
+            with torch.no_grad():
+                orig_correct += int((original_model(x).argmax(1) == y).sum())
         t_logits.append(t)
         o_logits.append(sess.run(None, {input_name: x.numpy()})[0])
         labels.append(y.numpy())
@@ -223,6 +238,8 @@ def validate(
         file_size_bytes=model_path.stat().st_size,
         session_peak_rss_mb=memory,
         thresholds=asdict(thresholds),
+        reference="snapped" if snapped else "checkpoint",
+        original_top1=100.0 * orig_correct / n if snapped else None,
     )
     report.failures = check(report, thresholds)
     return report
@@ -244,7 +261,8 @@ def check(report: Report, thresholds: Thresholds) -> list[str]:
             f"{len(report.unexplained_flips)} samples differ by more than rounding without an "
             f"activation on a threshold (e.g. #{report.unexplained_flips[0]})"
         )
-    drop = report.torch_top1 - report.onnx_top1
+    base = report.torch_top1 if report.original_top1 is None else report.original_top1
+    drop = base - report.onnx_top1
     if drop > thresholds.max_accuracy_drop:
         failures.append(
             f"ONNX accuracy {drop:.2f} points below PyTorch > {thresholds.max_accuracy_drop}"
@@ -259,6 +277,13 @@ def format_report(report: Report) -> str:
         f"{report.checkpoint} on {report.samples} test images",
         f"{'':<28}{'PyTorch':>12}{'ONNX':>12}",
         f"{'top-1 accuracy (%)':<28}{report.torch_top1:>12.2f}{report.onnx_top1:>12.2f}",
+    ]
+    if report.original_top1 is not None:
+        lines.append(
+            "(PyTorch here: the checkpoint's model with the export's snapped codebooks; "
+            f"the checkpoint itself: {report.original_top1:.2f}%)"
+        )
+    lines += [
         f"top-1 agreement {report.agreement:.2f}% ({len(report.disagreements)} disagreements, "
         f"{sum(d['explained'] for d in report.disagreements)} explained by a threshold tie)",
         f"logit error: max {report.max_abs_logit_error:.3g}, mean "

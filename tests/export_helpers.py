@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import copy
 import functools
 import shutil
 import tempfile
@@ -35,7 +34,7 @@ from exporters.export import build_model, simplify
 from exporters.fold import FoldedModel, fold, placeholder_name
 from exporters.graph import compact_names
 from exporters.skeleton import DOMAIN, PLACEHOLDER
-from exporters.write_int8 import snapped
+from exporters.write_int8 import snapped, snapped_model  # noqa: F401 - tests use both
 from runtime.reference import run_reference
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -414,27 +413,6 @@ def initializers(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
 
 def quant_layers(model: nn.Module) -> dict[str, QuantLayerMixin]:
     return {n: m for n, m in model.named_modules() if isinstance(m, QuantLayerMixin)}
-
-
-# ------------------------------------------------------------------------------------------
-# The int8 format's reference: the PyTorch model with the codebooks the writer snaps.
-
-
-def snapped_model(ck: Checkpoint, folded: FoldedModel) -> nn.Module:
-    """A copy of the checkpoint's model whose codebooks are snapped as write_int8.snapped does,
-    with the same codes: weight = snapped_codebook[codes]."""
-    model = copy.deepcopy(ck.model).eval()
-    with torch.no_grad():
-        for name, layer in quant_layers(model).items():
-            f = folded.layers[name]
-            scale, ints, _ = snapped(f)
-            book = (np.float64(scale) * ints.astype(np.float64)).astype(np.float32)
-            assert (np.diff(book) >= 0).all(), "snapping keeps the codebook sorted"
-            layer.weight_quant.codebook.copy_(torch.from_numpy(book))
-            layer.weight.copy_(torch.from_numpy(book[f.codes]))
-            # the forward pass reassigns codes: it must find the snapped levels again
-            assert torch.equal(layer.quantized_weight(), torch.from_numpy(book[f.codes]))
-    return model
 
 
 # ------------------------------------------------------------------------------------------

@@ -39,6 +39,8 @@ def exported(tmp_path_factory):
     ck = _checkpoint(d / "a.pt", 0)
     other = _checkpoint(d / "b.pt", 1)
     onnx_paths = {fmt: export(ck, d / f"a.{fmt}.onnx", fmt=fmt).path for fmt in ("adq", "standard")}
+    onnx_paths["int8"] = export(ck, d / "a.int8.onnx", fmt="int8").path
+    onnx_paths["adq-int"] = export(ck, d / "a.adq-int.onnx", fmt="adq", int_codebooks=True).path
     return ck, other, onnx_paths
 
 
@@ -69,6 +71,31 @@ def test_report_and_pass(exported, tmp_path, fmt):
     assert all(v > 0 for v in r["session_peak_rss_mb"].values())
     assert r["file_size_bytes"] == paths[fmt].stat().st_size
     assert abs(r["torch_top1"] - r["onnx_top1"]) <= 100 - r["agreement"] + 1e-9
+
+
+@pytest.mark.parametrize("name", ["int8", "adq-int"])
+def test_snapped_exports_compare_with_the_snapped_model(exported, tmp_path, name):
+    """int8 and adq --int-codebooks: parity against the checkpoint's model with the snapped
+    codebooks (tight gates), accuracy also against the checkpoint itself."""
+    ck, _, paths = exported
+    report_path = tmp_path / "r.json"
+    args = [str(paths[name]), "--checkpoint", str(ck), *FAST, "--report", str(report_path)]
+    result = CliRunner().invoke(validate_main, args)
+    assert result.exit_code == 0, result.output
+    r = json.loads(report_path.read_text())
+    assert r["reference"] == "snapped" and r["original_top1"] is not None
+    assert r["agreement"] >= 99.9 and not r["unexplained_flips"]
+    assert r["mean_abs_logit_error_no_flips"] <= 1e-4 * r["mean_abs_logit"]
+    assert "snapped codebooks" in result.output
+
+
+def test_unsnapped_exports_compare_with_the_checkpoint(exported, tmp_path):
+    ck, _, paths = exported
+    report_path = tmp_path / "r.json"
+    args = [str(paths["adq"]), "--checkpoint", str(ck), *FAST, "--report", str(report_path)]
+    CliRunner().invoke(validate_main, args)
+    r = json.loads(report_path.read_text())
+    assert r["reference"] == "checkpoint" and r["original_top1"] is None
 
 
 def test_wrong_checkpoint_fails_the_gate(exported):
@@ -120,6 +147,10 @@ def test_gates():
     assert len(check(Report(**{**base, "mean_abs_logit_error_no_flips": 1e-3}), Thresholds())) == 1
     assert len(check(Report(**{**base, **flips, "unexplained_flips": [7]}), Thresholds())) == 1
     assert len(check(Report(**{**base, "onnx_top1": 80.0}), Thresholds())) == 1
+    # snapped exports: the accuracy gate is against the checkpoint's own accuracy
+    snapped = {**base, "reference": "snapped", "original_top1": 91.0}
+    assert len(check(Report(**snapped), Thresholds())) == 1  # 1 point below the checkpoint
+    assert check(Report(**{**snapped, "original_top1": 90.4}), Thresholds()) == []
 
 
 def test_model_format_reads_metadata(exported):
