@@ -297,6 +297,7 @@ def measure(
     threads: int,
     shape: list[int],
     memory: bool,
+    settle: float = 0.5,
 ) -> dict[str, dict[str, Any]]:
     """Round-robin timing of every variant at every batch size; returns results[batch][name]."""
     results: dict[str, dict[str, Any]] = {}
@@ -312,6 +313,9 @@ def measure(
         names = list(fns)
         for r in range(rounds):
             for n in names[r % len(names) :] + names[: r % len(names)]:
+                # Let the previous variant's spinning threads (onnxruntime's pool, PyTorch's
+                # OpenMP) go idle first, so that they do not slow this variant's first calls.
+                time.sleep(settle)
                 ts = time_calls(fns[n], runs, warmup=1)
                 times[n].extend(ts)
                 medians[n].append(float(np.median(ts)) * 1e3)
@@ -391,6 +395,14 @@ def markdown(title: str, results: dict[str, dict[str, Any]]) -> str:
 @click.option("--rounds", default=5, show_default=True, type=int, help="Round-robin rounds.")
 @click.option("--runs", default=6, show_default=True, type=int, help="Timed calls per round.")
 @click.option("--warmup", default=3, show_default=True, type=int, help="Untimed calls first.")
+@click.option(
+    "--settle",
+    default=0.5,
+    show_default=True,
+    type=float,
+    help="Seconds of pause before each variant's round (spinning threads of the previous "
+    "variant go idle).",
+)
 @click.option("--resnet18-size", default=224, show_default=True, type=int)
 @click.option("--calib", default=32, show_default=True, type=int, help="Calibration inputs.")
 @click.option(
@@ -408,7 +420,7 @@ def markdown(title: str, results: dict[str, dict[str, Any]]) -> str:
     show_default=True,
 )
 def main(
-    checkpoint, which, batch_sizes, threads, rounds, runs, warmup, resnet18_size, calib,
+    checkpoint, which, batch_sizes, threads, rounds, runs, warmup, settle, resnet18_size, calib,
     dataset, no_memory, keep, out,
 ):  # fmt: skip
     """Latency / size / memory of eager, fp32 ONNX, onnxruntime int8 and our three formats."""
@@ -432,6 +444,7 @@ def main(
             "rounds": rounds,
             "runs_per_round": runs,
             "warmup": warmup,
+            "settle_s": settle,
             "calibration_inputs": calib,
         },
         "models": {},
@@ -462,7 +475,16 @@ def main(
             variants = prepare(ck_path, folder, inputs[:calib], threads)
             t0 = time.perf_counter()
             results = measure(
-                variants, inputs, batches, rounds, runs, warmup, threads, shape, not no_memory
+                variants,
+                inputs,
+                batches,
+                rounds,
+                runs,
+                warmup,
+                threads,
+                shape,
+                not no_memory,
+                settle,
             )
             arch = ck.architecture.get("name", ck.architecture.get("factory"))
             title = f"{key}: {arch} {'x'.join(map(str, shape))} ({ck_path.name}; {source})"
