@@ -193,7 +193,9 @@ def train_epoch(
     """One epoch of (distilled) training; returns the mean loss and the running train accuracy."""
     model.train()
     loss_sum = correct = total = 0.0
-    bar = tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True)
+    # disable=None: no bar when stderr is not a terminal (CI logs)
+    off = None if progress else True
+    bar = tqdm(loader, desc=desc, leave=False, disable=off, dynamic_ncols=True)
     for x, y in bar:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         logits = model(x)

@@ -169,7 +169,9 @@ def validate(
     _, loader, _ = make_loaders(dataset, data_dir, 256, test_limit=samples, augment=False)
 
     t_logits, o_logits, labels, dists, orig_correct = [], [], [], [], 0
-    for x, y in tqdm(loader, desc="parity", disable=not progress, leave=False):
+    # disable=None: no bar when stderr is not a terminal (CI logs)
+    bar = tqdm(loader, desc="parity", disable=None if progress else True, leave=False)
+    for x, y in bar:
         t, d = logits_and_tie_distance(torch_model, x)
         if original_model is not None:
             with torch.no_grad():
