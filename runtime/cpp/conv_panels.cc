@@ -281,6 +281,20 @@ void Interleave4(const uint8_t* const rows[4], int64_t n, uint8_t* dst) {
   }
 }
 
+// dst[b] = row[b * step + start] for b in [lo, hi) (all inside the row).
+inline void GatherColumns(const uint8_t* row, int64_t lo, int64_t hi, int64_t step, int64_t start,
+                          uint8_t* dst) {
+  const uint8_t* src = row + start;
+  for (int64_t b = lo; b < hi; ++b) dst[b] = src[b * step];
+}
+
+// A per-thread byte buffer of at least n bytes for gathered phase rows.
+uint8_t* PhaseRows(int64_t n) {
+  thread_local std::vector<uint8_t> buf;
+  if (static_cast<int64_t>(buf.size()) < n) buf.resize(static_cast<size_t>(n));
+  return buf.data();
+}
+
 }  // namespace
 
 Kind Choose(Isa isa, const Lut& lut, int64_t group, int64_t C, int64_t taps) {
@@ -388,6 +402,15 @@ void Conv(const Ort::KernelContext& ctx, const ConvShape& s, const uint8_t* x, c
   } else {
     fplanes = ThreadScratch<kConvInput>(plane_elems + kLanes);
   }
+  // Per column phase pw: the phase columns [lo, hi) whose input column b*sW + pw - pL is in
+  // [0, W); the others are padding.
+  std::vector<int64_t> lo(static_cast<size_t>(s.sW)), hi(static_cast<size_t>(s.sW));
+  for (int64_t pw = 0; pw < s.sW; ++pw) {
+    const int64_t first = s.pL - pw;  // b*sW >= first
+    lo[pw] = std::min(Wq, first <= 0 ? 0 : (first + s.sW - 1) / s.sW);
+    const int64_t last = s.W - 1 + s.pL - pw;  // b*sW <= last
+    hi[pw] = std::max(lo[pw], last < 0 ? 0 : std::min(Wq, last / s.sW + 1));
+  }
   auto convert = [&](size_t t) {
     const int64_t n = static_cast<int64_t>(t) / groups, g = static_cast<int64_t>(t) % groups;
     for (int64_t ph = 0; ph < s.sH; ++ph) {
@@ -410,11 +433,14 @@ void Conv(const Ort::KernelContext& ctx, const ConvShape& s, const uint8_t* x, c
               Interleave4(rows, s.W, d + 4 * s.pL);
               continue;
             }
-            for (int64_t b = 0; b < Wq; ++b) {
-              const int64_t iw = b * s.sW + pw - s.pL;
-              if (iw < 0 || iw >= s.W) continue;
-              for (int r = 0; r < 4; ++r) d[4 * b + r] = rows[r] ? rows[r][iw] : 0;
+            // Strided: gather each row's phase columns, then interleave them.
+            uint8_t* cols = PhaseRows(4 * Wq);
+            const uint8_t* gathered[4];
+            for (int r = 0; r < 4; ++r) {
+              gathered[r] = rows[r] ? cols + r * Wq + lo[pw] : nullptr;
+              if (rows[r]) GatherColumns(rows[r], lo[pw], hi[pw], s.sW, pw - s.pL, cols + r * Wq);
             }
+            Interleave4(gathered, hi[pw] - lo[pw], d + 4 * lo[pw]);
             continue;
           }
           float* d = fplanes + off + a * Wq;
@@ -428,10 +454,11 @@ void Conv(const Ort::KernelContext& ctx, const ConvShape& s, const uint8_t* x, c
             gemm::U8ToFloat(row, s.W, d + s.pL, isa);
             std::fill(d + s.pL + s.W, d + Wq, 0.0f);
           } else {
-            for (int64_t b = 0; b < Wq; ++b) {
-              const int64_t iw = b * s.sW + pw - s.pL;
-              d[b] = iw >= 0 && iw < s.W ? static_cast<float>(row[iw]) : 0.0f;
-            }
+            uint8_t* cols = PhaseRows(Wq);
+            GatherColumns(row, lo[pw], hi[pw], s.sW, pw - s.pL, cols);
+            std::fill(d, d + lo[pw], 0.0f);
+            gemm::U8ToFloat(cols + lo[pw], hi[pw] - lo[pw], d + lo[pw], isa);
+            std::fill(d + hi[pw], d + Wq, 0.0f);
           }
         }
       }
