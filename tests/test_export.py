@@ -339,6 +339,22 @@ def test_cli_refuses_opset_with_a_non_standard_format(fmt, tmp_path):
     assert_one_error_line(result, "--opset applies to the standard format only")
 
 
+@pytest.mark.parametrize("fmt", ["standard", "int8"])
+def test_cli_refuses_int_codebooks_with_another_format(fmt, tmp_path):
+    args = [checkpoint_path("test_model"), "-o", tmp_path / "m.onnx", "--format", fmt]
+    assert_one_error_line(invoke([*args, "--int-codebooks"]), "adq format only")
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_cli_int_codebooks(factory_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT))  # the factory 'tests.export_helpers' is importable
+    out = tmp_path / "m.onnx"
+    result = invoke([factory_checkpoint, "--allow-import", "-o", out, "--int-codebooks"])
+    assert result.exit_code == 0, (result.output, result.exception)
+    meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert meta["adq.format"] == "adq" and meta["adq.int_codebooks"] == "true"
+
+
 @pytest.mark.parametrize("simplify", [True, False])
 def test_cli_oldest_opset(tmp_path, simplify):
     """--opset 13, the oldest: the test model keeps an unfolded BatchNormalization, whose
