@@ -28,10 +28,21 @@ def constant_value(graph: onnx.GraphProto, name: str) -> np.ndarray | None:
     return numpy_helper.to_array(inits[name])
 
 
+def _levels_ignore_sign(graph: onnx.GraphProto, node: onnx.NodeProto, x: str, domain: str) -> bool:
+    """Whether node is a ThresholdQuant of x whose levels are the same for x and relu(x): a
+    positive constant Scale and positive constant Thresholds (x <= 0 gives level 0 either way)."""
+    if node.op_type != "ThresholdQuant" or node.domain != domain or node.input[0] != x:
+        return False
+    scale, thresholds = constant_value(graph, node.input[1]), constant_value(graph, node.input[2])
+    if scale is None or thresholds is None or thresholds.size == 0:
+        return False
+    return bool(np.all(scale > 0) and np.all(thresholds > 0))
+
+
 def drop_relu_before_thresholds(graph: onnx.GraphProto, domain: str) -> int:
-    """Remove each Relu read only by ThresholdQuant nodes with a positive Scale and positive
-    Thresholds: #{i : s * relu(x) >= T_i} = #{i : s * x >= T_i} when s > 0 and every T_i > 0
-    (x <= 0 gives level 0 either way), so the levels are unchanged. Returns how many."""
+    """Remove each Relu read only by ThresholdQuant nodes whose levels ignore the sign of their
+    input (#{i : s * relu(x) >= T_i} = #{i : s * x >= T_i} when s > 0 and every T_i > 0).
+    Returns how many."""
     outputs = {o.name for o in graph.output}
     dropped = 0
     for relu in [n for n in graph.node if n.op_type == "Relu" and n.domain in ("", "ai.onnx")]:
@@ -39,19 +50,7 @@ def drop_relu_before_thresholds(graph: onnx.GraphProto, domain: str) -> int:
         readers = consumers(graph, y)
         if y in outputs or not readers:
             continue
-        ok = True
-        for r in readers:
-            if r.op_type != "ThresholdQuant" or r.domain != domain or r.input[0] != y:
-                ok = False
-                break
-            scale, thresholds = constant_value(graph, r.input[1]), constant_value(graph, r.input[2])
-            if scale is None or thresholds is None:
-                ok = False
-                break
-            ok = bool(np.all(scale > 0) and thresholds.size and np.all(thresholds > 0))
-            if not ok:
-                break
-        if not ok:
+        if not all(_levels_ignore_sign(graph, r, y, domain) for r in readers):
             continue
         for r in readers:
             r.input[0] = relu.input[0]

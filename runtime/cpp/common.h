@@ -285,7 +285,10 @@ float* ThreadScratch(int64_t n) {
   }
   return buf.data();
 }
-enum ScratchTag { kConvWeights, kConvInput, kConvRow, kConvTile, kGemmX, kGemmRow, kGemmWeights, kGemmTile };
+enum ScratchTag {
+  kConvWeights, kConvInput, kConvRow, kConvTile, kConvPhaseRows,
+  kGemmX, kGemmRow, kGemmWeights, kGemmTile
+};
 
 // Rough number of tasks worth splitting work into (a granularity hint, not a thread count).
 int TaskHint();

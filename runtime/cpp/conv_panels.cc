@@ -187,11 +187,12 @@ template <int NB, size_t... Q>
 constexpr std::array<TileFn, sizeof...(Q)> TilesInt(std::index_sequence<Q...>) {
   return {&TileInt<NB, static_cast<int>(Q) + 1>...};
 }
-constexpr auto kTilesOneBlock = Tiles<1>(std::make_index_sequence<kMaxQ1>{});
-constexpr std::array<TileFn, kMaxQ> kTiles[2][2] = {
-    {Tiles<1>(std::make_index_sequence<kMaxQ>{}), Tiles<2>(std::make_index_sequence<kMaxQ>{})},
-    {TilesInt<1>(std::make_index_sequence<kMaxQ>{}),
-     TilesInt<2>(std::make_index_sequence<kMaxQ>{})}};
+// Indexed by the tile's output count - 1: float panels of two blocks and of one, int8 panels.
+constexpr auto kTilesFloat2 = Tiles<2>(std::make_index_sequence<kMaxQ>{});
+constexpr auto kTilesFloat1 = Tiles<1>(std::make_index_sequence<kMaxQ1>{});
+constexpr std::array<TileFn, kMaxQInt> kTilesInt[2] = {
+    TilesInt<1>(std::make_index_sequence<kMaxQInt>{}),
+    TilesInt<2>(std::make_index_sequence<kMaxQInt>{})};
 
 // In-register 16 x 16 transpose: on return r[n] holds element n of every input row.
 __attribute__((target("avx512f"))) inline void Transpose16(__m512 r[16]) {
@@ -288,13 +289,6 @@ inline void GatherColumns(const uint8_t* row, int64_t lo, int64_t hi, int64_t st
   for (int64_t b = lo; b < hi; ++b) dst[b] = src[b * step];
 }
 
-// A per-thread byte buffer of at least n bytes for gathered phase rows.
-uint8_t* PhaseRows(int64_t n) {
-  thread_local std::vector<uint8_t> buf;
-  if (static_cast<int64_t>(buf.size()) < n) buf.resize(static_cast<size_t>(n));
-  return buf.data();
-}
-
 }  // namespace
 
 Kind Choose(Isa isa, const Lut& lut, int64_t group, int64_t C, int64_t taps) {
@@ -318,6 +312,7 @@ void Pack(const Lut& lut, Kind kind, int64_t C, int64_t taps, Packed* p) {
   p->R = R;
   p->K = lut.K;
   p->kind = kind;
+  p->codes = lut.codes;
   p->codebook = lut.codebook;
   if (kind == Kind::kFloat) {
     p->words.assign(static_cast<size_t>(CheckedMul(blocks, R, "packed codes")), 0);
@@ -327,10 +322,7 @@ void Pack(const Lut& lut, Kind kind, int64_t C, int64_t taps, Packed* p) {
   std::vector<uint8_t> codes(static_cast<size_t>(R));
   for (int64_t m = 0; m < M; ++m) {
     UnpackCodes(lut.codes + m * lut.row_bytes, lut.row_bytes, lut.bits, 0, R, codes.data());
-    for (int64_t k = 0; k < R; ++k) {
-      Check(codes[k] < lut.K, "invalid code ", static_cast<int>(codes[k]), " >= K=", lut.K,
-            " (Codebook length) at row ", m, ", index ", k);
-    }
+    CheckCodes(lut, m, 0, codes.data(), R);
     const int64_t block = m / kLanes, lane = m % kLanes;
     const int64_t panel = block / 2, nb = std::min<int64_t>(2, blocks - 2 * panel);
     if (kind == Kind::kFloat) {
@@ -359,10 +351,9 @@ std::shared_ptr<const Packed> Cache::Get(const Lut& lut, Kind kind, int64_t C, i
   };
   if (!constant) return fresh();
   std::lock_guard<std::mutex> lock(mu_);
-  if (!packed_ || source_ != lut.codes || packed_->codebook != lut.codebook ||
+  if (!packed_ || packed_->codes != lut.codes || packed_->codebook != lut.codebook ||
       packed_->kind != kind || packed_->M != lut.M || packed_->R != lut.R || packed_->K != lut.K) {
     packed_ = fresh();
-    source_ = lut.codes;
   }
   return packed_;
 }
@@ -433,8 +424,9 @@ void Conv(const Ort::KernelContext& ctx, const ConvShape& s, const uint8_t* x, c
               Interleave4(rows, s.W, d + 4 * s.pL);
               continue;
             }
-            // Strided: gather each row's phase columns, then interleave them.
-            uint8_t* cols = PhaseRows(4 * Wq);
+            // Strided: gather each row's phase columns (4 byte rows: Wq floats of scratch), then
+            // interleave them.
+            auto* cols = reinterpret_cast<uint8_t*>(ThreadScratch<kConvPhaseRows>(Wq));
             const uint8_t* gathered[4];
             for (int r = 0; r < 4; ++r) {
               gathered[r] = rows[r] ? cols + r * Wq + lo[pw] : nullptr;
@@ -453,8 +445,8 @@ void Conv(const Ort::KernelContext& ctx, const ConvShape& s, const uint8_t* x, c
             std::fill(d, d + s.pL, 0.0f);
             gemm::U8ToFloat(row, s.W, d + s.pL, isa);
             std::fill(d + s.pL + s.W, d + Wq, 0.0f);
-          } else {
-            uint8_t* cols = PhaseRows(Wq);
+          } else {  // a byte row: Wq / 4 floats of scratch
+            auto* cols = reinterpret_cast<uint8_t*>(ThreadScratch<kConvPhaseRows>((Wq + 3) / 4));
             GatherColumns(row, lo[pw], hi[pw], s.sW, pw - s.pL, cols);
             std::fill(d, d + lo[pw], 0.0f);
             gemm::U8ToFloat(cols + lo[pw], hi[pw] - lo[pw], d + lo[pw], isa);
@@ -500,7 +492,6 @@ void Conv(const Ort::KernelContext& ctx, const ConvShape& s, const uint8_t* x, c
       1, std::min<int64_t>(kChunkQ / s.OW, row_tasks / (2 * static_cast<int64_t>(TaskHint()))));
   const int64_t rchunks = (s.OH + rows_per_task - 1) / rows_per_task;
   const int64_t tasks = CheckedMul(CheckedMul(s.N, rchunks, "tasks"), npanels, "tasks");
-  const auto& tile_fns = kTiles[integer ? 1 : 0];
   ParallelFor(ctx, static_cast<size_t>(tasks), [&](size_t task) {
     const int64_t p = static_cast<int64_t>(task) % npanels;
     const int64_t rest = static_cast<int64_t>(task) / npanels;
@@ -551,7 +542,9 @@ void Conv(const Ort::KernelContext& ctx, const ConvShape& s, const uint8_t* x, c
       }
       return;
     }
-    const TileFn* tiles = nb == 1 && !integer ? kTilesOneBlock.data() : tile_fns[nb - 1].data();
+    const TileFn* tiles = integer   ? kTilesInt[nb - 1].data()
+                          : nb == 2 ? kTilesFloat2.data()
+                                    : kTilesFloat1.data();
     for (int64_t oh = rc * rows_per_task; oh < oh_end; ++oh) {
       for (int64_t part = 0; part < parts; ++part) {
         const int64_t ow0 = starts[part], nq = starts[part + 1] - ow0;

@@ -34,7 +34,8 @@ struct Packed {
   int64_t M = 0, R = 0;
   int K = 0;
   Kind kind = Kind::kNone;
-  const float* codebook = nullptr;  // the Codebook tensor the int8 weights were made from
+  const uint8_t* codes = nullptr;   // the Codes and Codebook tensors this was made from
+  const float* codebook = nullptr;
   std::vector<uint64_t> words;
   std::vector<int8_t> int8;
 };
@@ -56,7 +57,6 @@ class Cache {
 
  private:
   std::mutex mu_;
-  const uint8_t* source_ = nullptr;
   std::shared_ptr<const Packed> packed_;
 };
 

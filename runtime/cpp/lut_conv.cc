@@ -110,16 +110,16 @@ struct LutConv {
     Check(group_ >= 1, "group must be >= 1, got ", group_);
     // Constant Codes and Codebook (initializers) are repacked once for the panel paths and kept.
     Ort::ConstKernelInfo ki(info);
-    constant_ = ki.GetInputCount() > 2;
-    for (size_t i : {size_t{1}, size_t{2}}) {
-      int is_constant = 0;
+    auto is_constant = [&](size_t i) {
+      int constant = 0;
       try {
-        if (constant_) ki.GetTensorConstantInput(i, &is_constant);
+        ki.GetTensorConstantInput(i, &constant);
       } catch (const Ort::Exception&) {
-        is_constant = 0;
+        return false;
       }
-      constant_ = constant_ && is_constant != 0;
-    }
+      return constant != 0;
+    };
+    constant_ = ki.GetInputCount() > 2 && is_constant(1) && is_constant(2);
   }
 
   Geom Geometry(const Tensor& x, int64_t M) const {

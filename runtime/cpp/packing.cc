@@ -125,15 +125,22 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi"))) unsigned DecodeV
   for (int64_t j = j0; j < j1; j += 512) {
     const int64_t n = std::min<int64_t>(512, j1 - j);
     UnpackCodes(row, lut.row_bytes, lut.bits, j, n, buf);
-    for (int64_t q = 0; q < n; ++q) {
-      Check(buf[q] < lut.K, "invalid code ", static_cast<int>(buf[q]), " >= K=", lut.K,
-            " (Codebook length) at row ", m, ", index ", j + q);
-    }
+    CheckCodes(lut, m, j, buf, n);
   }
   Fail(Str("invalid code at row ", m));
 }
 
 }  // namespace
+
+void CheckCodes(const Lut& lut, int64_t m, int64_t j0, const uint8_t* codes, int64_t n) {
+  uint8_t maxc = 0;
+  for (int64_t q = 0; q < n; ++q) maxc = codes[q] > maxc ? codes[q] : maxc;
+  if (maxc < lut.K) return;
+  for (int64_t q = 0; q < n; ++q) {
+    Check(codes[q] < lut.K, "invalid code ", static_cast<int>(codes[q]), " >= K=", lut.K,
+          " (Codebook length) at row ", m, ", index ", j0 + q);
+  }
+}
 
 void DecodeRow(const Lut& lut, int64_t m, float* out, Isa isa) {
   int64_t start = 0;
@@ -157,14 +164,7 @@ void DecodeRowFrom(const Lut& lut, int64_t m, int64_t start, float* out, Isa isa
   for (int64_t j0 = start; j0 < lut.R; j0 += kChunk) {
     const int64_t n = lut.R - j0 < kChunk ? lut.R - j0 : kChunk;
     UnpackCodes(row, lut.row_bytes, lut.bits, j0, n, buf);
-    uint8_t maxc = 0;
-    for (int64_t q = 0; q < n; ++q) maxc = buf[q] > maxc ? buf[q] : maxc;
-    if (maxc >= lut.K) {
-      for (int64_t q = 0; q < n; ++q) {
-        Check(buf[q] < lut.K, "invalid code ", static_cast<int>(buf[q]), " >= K=", lut.K,
-              " (Codebook length) at row ", m, ", index ", j0 + q);
-      }
-    }
+    CheckCodes(lut, m, j0, buf, n);
     if (isa == Isa::kAvx512) {
       LookupAvx512(buf, n, lut, out + j0);
     } else if (isa == Isa::kAvx2) {

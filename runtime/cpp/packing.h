@@ -44,6 +44,10 @@ inline void UnpackCodes(const uint8_t* row, int64_t row_bytes, int bits, int64_t
   }
 }
 
+// Checks that unpacked codes [j0, j0 + n) of row m are all < K; the error names the first
+// invalid one.
+void CheckCodes(const Lut& lut, int64_t m, int64_t j0, const uint8_t* codes, int64_t n);
+
 // Decodes row m of a Lut, out[j] = Codebook[code j] for j < R, checking every code is < K
 // (throws Ort::Exception via Fail otherwise). Vector table lookups for K <= 16 (AVX2) or
 // K <= 32 (AVX-512).
