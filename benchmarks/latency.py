@@ -1,8 +1,8 @@
-"""Inference latency, file size and session memory of one network in six forms, side by side.
+"""Inference latency, file size and session memory of one network in seven forms, side by side.
 
     python benchmarks/latency.py [--checkpoint CKPT] [--models fmnist,resnet18]
-        [--batch-sizes 1,32] [--threads 2] [--rounds 5] [--runs 6] [--resnet18-size 224]
-        [--out runs/bench/latency.json]
+        [--batch-sizes 1,32] [--threads 2] [--rounds 5] [--runs 6] [--settle 0.5]
+        [--resnet18-size 224] [--keep DIR] [--out runs/bench/latency.json]
 
 For each model (the Fashion-MNIST ResNet-20 checkpoint, and a ResNet-18 with 1000 classes and
 random weights, quantized W3A2 and saved as a checkpoint in a temporary folder) it measures:
@@ -12,13 +12,15 @@ random weights, quantized W3A2 and saved as a checkpoint in a temporary folder) 
   ort-int8  onnxruntime's own static int8 quantization of that fp32 model (QDQ, per-channel
             QInt8 weights, QUInt8 activations, calibrated on 32 inputs)
   adq       our adq format (ai.adq op library)
+  adq-int   our adq format with --int-codebooks (the op library's exact int8 kernel)
   standard  our standard format (standard ONNX ops only)
   int8      our int8 format
 
 All at the same thread count. The variants are timed round-robin (each round times `runs` calls
-of every variant, in an order rotated from round to round), so background load falls on all of
-them alike; p50 / p90 are over all timed calls. Peak memory is measured in a fresh process per
-variant (runtime.memprobe for the ONNX sessions; the same VmHWM method for eager).
+of every variant, after a `settle` pause, in an order rotated from round to round), so
+background load falls on all of them alike; p50 / p90 are over all timed calls. Peak memory is
+measured in a fresh process per variant (runtime.memprobe for the ONNX sessions; the same VmHWM
+method for eager).
 """
 
 from __future__ import annotations
