@@ -258,6 +258,33 @@ def test_lut_conv_with_constant_codes_matches_reference(so2):
     )
 
 
+def wide_strided_cases(seed, count):
+    """Wide rows (30-90 columns) at strides 1-3 and kernels 1-3: the vectorized phase-plane
+    builds (16 columns at a time) with their row ends, pads and channel counts not a multiple
+    of 4; integer codebooks (the int8 path) in most cases."""
+    rng = np.random.default_rng(seed)
+    cases = []
+    for i in range(count):
+        sh, sw = [(2, 2), (2, 1), (1, 2), (3, 3), (1, 1), (2, 3)][i % 6]
+        k = int(rng.choice([1, 3])) if i % 4 else 2
+        pads = [int(v) for v in rng.integers(0, k, size=4)] if k > 1 else [0, 0, 0, 0]
+        c, m = int(rng.choice([3, 4, 5, 8, 13])), int(rng.choice([7, 16, 33]))
+        n, h, w = int(rng.integers(1, 3)), int(rng.integers(3, 9)), int(rng.integers(30, 91))
+        bits = int(rng.choice([2, 3, 4]))
+        packed, codebook = _codes(rng, bits, m, c * k * k, integer=i % 5 != 0)
+        scale, bias = _affine(rng, m)
+        attrs = {"bits": bits, "kernel_shape": [k, k], "strides": [sh, sw], "pads": pads}
+        inputs = {"X": _levels(rng, (n, c, h, w)), "Codes": packed, "Codebook": codebook}
+        cases.append(({**inputs, "Scale": scale, "Bias": bias}, attrs))
+    return cases
+
+
+def test_lut_conv_wide_strided_rows_match_reference(so2):
+    check_cases(
+        so2, "LutConv", wide_strided_cases(seed=11, count=120), constants=("Codes", "Codebook")
+    )
+
+
 def test_lut_conv_constant_codes_run_twice(so2):
     """The cached repacking gives the same result on later runs and other inputs."""
     (inputs, attrs), (other, _) = conv_cases(seed=6, count=2)
