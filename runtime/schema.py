@@ -1,15 +1,21 @@
 """The ai.adq op set, declared once: names, inputs, outputs, attributes (docs/onnx-ops.md).
 
 The exporter, the NumPy references, the tests and onnx.checker (through registered
-onnx.defs.OpSchema objects) all read these declarations.
+onnx.defs.OpSchema objects) all read these declarations. The registered schemas also carry
+type-and-shape inference functions, so ``onnx.shape_inference.infer_shapes`` sees through the
+ai.adq nodes of an exported graph (the exporter's fusion pass relies on it).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import onnx
 import onnx.defs
+import onnx.helper
+import onnx.shape_inference
 
 DOMAIN = "ai.adq"
 VERSION = 1
@@ -51,6 +57,16 @@ _LUT_INPUTS = (
     Param("Scale", "float"),
     Param("Bias", "float", optional=True),
 )
+_RESIDUAL = Param("Residual", "float", optional=True)
+_CONV_ATTRS = (
+    Attr("bits", "int"),
+    Attr("kernel_shape", "ints"),
+    Attr("strides", "ints", (1, 1)),
+    Attr("pads", "ints", (0, 0, 0, 0)),
+    Attr("dilations", "ints", (1, 1)),
+    Attr("group", "int", 1),
+    Attr("relu", "int", 0),
+)
 
 OPS: tuple[OpDecl, ...] = (
     OpDecl(
@@ -68,17 +84,19 @@ OPS: tuple[OpDecl, ...] = (
     ),
     OpDecl(
         "LutConv",
-        "Y = Scale[m] * conv(X, Codebook[unpack(Codes)]) + Bias[m] on uint8 levels X.",
-        _LUT_INPUTS,
+        "Y = [relu](Scale[m] * conv(X, Codebook[unpack(Codes)]) + Bias[m] [+ Residual]) on uint8 "
+        "levels X.",
+        _LUT_INPUTS + (_RESIDUAL,),
         (Param("Y", "float"),),
-        (
-            Attr("bits", "int"),
-            Attr("kernel_shape", "ints"),
-            Attr("strides", "ints", (1, 1)),
-            Attr("pads", "ints", (0, 0, 0, 0)),
-            Attr("dilations", "ints", (1, 1)),
-            Attr("group", "int", 1),
-        ),
+        _CONV_ATTRS,
+    ),
+    OpDecl(
+        "LutConvQuant",
+        "Q = ThresholdQuant(LutConv(X, Codes, Codebook, Scale, Bias, Residual), QScale, "
+        "QThresholds): the next layer's uint8 levels without the float tensor.",
+        _LUT_INPUTS + (_RESIDUAL, Param("QScale", "float"), Param("QThresholds", "float")),
+        (Param("Q", "uint8"),),
+        _CONV_ATTRS,
     ),
     OpDecl(
         "LutGemm",
@@ -95,6 +113,102 @@ _TYPES = {"uint8": "tensor(uint8)", "float": "tensor(float)"}
 _ATTR_TYPES = {
     "int": onnx.defs.OpSchema.AttrType.INT,
     "ints": onnx.defs.OpSchema.AttrType.INTS,
+}
+
+# ----------------------------------------------------------------------------- shape inference
+# Called by onnx for each ai.adq node; they never raise (onnx would propagate the error even
+# with strict_mode=False): what they cannot tell is left unknown, and the kernels report errors.
+
+InferenceFunction = Callable[[onnx.shape_inference.InferenceContext], None]
+Dim = onnx.TensorShapeProto.Dimension | int | None  # a dimension to copy, a value, or unknown
+_ELEM = {"uint8": onnx.TensorProto.UINT8, "float": onnx.TensorProto.FLOAT}
+
+
+def _input_dims(ctx: onnx.shape_inference.InferenceContext, i: int, rank: int | None = None):
+    """Input i's dims (of ``rank`` when given), None when absent or of unknown shape."""
+    if i >= ctx.get_num_inputs() or not ctx.has_input(i):
+        return None
+    t = ctx.get_input_type(i)
+    if t is None or not t.HasField("tensor_type") or not t.tensor_type.HasField("shape"):
+        return None
+    dims = list(t.tensor_type.shape.dim)
+    return dims if rank is None or len(dims) == rank else None
+
+
+def _set_output(ctx: onnx.shape_inference.InferenceContext, dtype: str, dims) -> None:
+    """Output 0: element type ``dtype``, shape ``dims`` (a list of Dim; None: unknown rank)."""
+    t = onnx.TypeProto()
+    t.tensor_type.elem_type = _ELEM[dtype]
+    if dims is not None:
+        shape = t.tensor_type.shape
+        shape.SetInParent()  # a rank-0 output still has a shape
+        for d in dims:
+            new = shape.dim.add()
+            if isinstance(d, int):
+                new.dim_value = d
+            elif d is not None:
+                new.CopyFrom(d)
+    ctx.set_output_type(0, t)
+
+
+def _attr(ctx: onnx.shape_inference.InferenceContext, op: str, name: str):
+    """An attribute's value, its declared default when absent (None: required and absent)."""
+    a = ctx.get_attribute(name)
+    return attribute_defaults(op)[name] if a is None else onnx.helper.get_attribute_value(a)
+
+
+def _conv_out_hw(ctx: onnx.shape_inference.InferenceContext, op: str, hw) -> list[int | None]:
+    """OH, OW from the input's H, W dims and the attributes, where all are known and valid."""
+    values = [_attr(ctx, op, n) for n in ("kernel_shape", "strides", "pads", "dilations")]
+    lengths = [len(v) if isinstance(v, (list, tuple)) else -1 for v in values]
+    k, s, p, d = values
+    if lengths != [2, 2, 4, 2] or min(s) < 1:
+        return [None, None]
+    out: list[int | None] = []
+    for i in range(2):
+        if not hw[i].HasField("dim_value"):
+            out.append(None)
+            continue
+        size = (hw[i].dim_value + p[i] + p[i + 2] - d[i] * (k[i] - 1) - 1) // s[i] + 1
+        out.append(size if size >= 1 else None)
+    return out
+
+
+def _infer_threshold_quant(ctx: onnx.shape_inference.InferenceContext) -> None:
+    """Q: uint8 of X's shape."""
+    _set_output(ctx, "uint8", _input_dims(ctx, 0))
+
+
+def _infer_lut_dequant(ctx: onnx.shape_inference.InferenceContext) -> None:
+    """W: float of the ``shape`` attribute."""
+    shape = _attr(ctx, "LutDequant", "shape")
+    dims = [v if v > 0 else None for v in shape] if isinstance(shape, list) else None
+    _set_output(ctx, "float", dims)
+
+
+def _infer_lut_conv(ctx: onnx.shape_inference.InferenceContext, op: str, dtype: str) -> None:
+    """Y / Q: [N, M, OH, OW] with N from X, M = Codes.shape[0], OH / OW from the attributes."""
+    x, codes = _input_dims(ctx, 0, 4), _input_dims(ctx, 1, 2)
+    dims: list[Dim] = [None] * 4
+    if x is not None:
+        dims[0], dims[2:] = x[0], _conv_out_hw(ctx, op, x[2:])
+    if codes is not None:
+        dims[1] = codes[0]
+    _set_output(ctx, dtype, dims)
+
+
+def _infer_lut_gemm(ctx: onnx.shape_inference.InferenceContext) -> None:
+    """Y: float [N, M], N from X, M = Codes.shape[0]."""
+    x, codes = _input_dims(ctx, 0, 2), _input_dims(ctx, 1, 2)
+    _set_output(ctx, "float", [x and x[0], codes and codes[0]])
+
+
+_INFERENCE: dict[str, InferenceFunction] = {
+    "ThresholdQuant": _infer_threshold_quant,
+    "LutDequant": _infer_lut_dequant,
+    "LutConv": partial(_infer_lut_conv, op="LutConv", dtype="float"),
+    "LutConvQuant": partial(_infer_lut_conv, op="LutConvQuant", dtype="uint8"),
+    "LutGemm": _infer_lut_gemm,
 }
 
 
@@ -119,7 +233,7 @@ def onnx_schema(op: OpDecl) -> onnx.defs.OpSchema:
             value = list(a.default) if isinstance(a.default, tuple) else a.default
             name = a.name
             attrs.append(S.Attribute(name, onnx.helper.make_attribute(name, value), ""))
-    return S(
+    schema = S(
         op.name,
         DOMAIN,
         VERSION,
@@ -129,10 +243,13 @@ def onnx_schema(op: OpDecl) -> onnx.defs.OpSchema:
         type_constraints=constraints,
         attributes=attrs,
     )
+    schema.set_type_and_shape_inference_function(_INFERENCE[op.name])
+    return schema
 
 
 def register_onnx_schemas() -> None:
-    """Register the ai.adq schemas with onnx (idempotent) so onnx.checker knows the ops."""
+    """Register the ai.adq schemas with onnx (idempotent) so onnx.checker and shape inference
+    know the ops."""
     for op in OPS:
         try:
             onnx.defs.get_schema(op.name, VERSION, DOMAIN)

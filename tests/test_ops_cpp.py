@@ -285,6 +285,107 @@ def test_lut_conv_wide_strided_rows_match_reference(so2):
     )
 
 
+def _thresholds_between(rng, v):
+    """1-30 sorted thresholds (repeats allowed) halfway between distinct values of v: levels
+    vary, and no value sits on a threshold unless two values are within rounding of each other."""
+    vals = np.unique(v.astype(np.float64))
+    mids = (vals[:-1] + vals[1:]) / 2 if vals.size > 1 else vals + 1.0
+    t = int(rng.choice([1, 3, 7, 15, 30]))
+    return np.sort(rng.choice(mids, size=t)).astype(np.float32)
+
+
+def fused_cases(seed, count, quant):
+    """conv_cases with the fused epilogue: a Residual (in about half), relu 0/1, and for
+    LutConvQuant QScale and thresholds placed at quantiles of the float output (levels vary)."""
+    rng = np.random.default_rng(seed + 1000)
+    cases = []
+    for inputs, attrs in conv_cases(seed, count, big_every=25):
+        y = run_single("LutConv", inputs, attrs)
+        inputs = {**inputs, "Residual": None}
+        if rng.random() < 0.5:
+            spread = float(np.abs(y).max()) or 1.0
+            inputs["Residual"] = (rng.normal(size=y.shape) * spread).astype(np.float32)
+        attrs = {**attrs, "relu": int(rng.integers(0, 2))}
+        if quant:
+            qscale = np.float32(rng.uniform(0.5, 2.0))
+            thr = _thresholds_between(rng, qscale * run_single("LutConv", inputs, attrs))
+            inputs["QScale"] = np.array(qscale if rng.random() < 0.5 else [qscale], np.float32)
+            inputs["QThresholds"] = thr
+        cases.append((inputs, attrs))
+    return cases
+
+
+def check_levels(so, cases, constants=()):
+    """LutConvQuant against the reference: equal levels, except within rounding of thresholds
+    (the float output may differ by a few ulps), where they may differ by at most the number of
+    such thresholds; such outputs must be rare."""
+    failures, exempt, total = [], 0, 0
+    for inputs, attrs in cases:
+        ref = run_single("LutConvQuant", inputs, attrs)
+        got = run_ort(so, "LutConvQuant", inputs, attrs, constants)
+        plain = {k: v for k, v in inputs.items() if k not in ("QScale", "QThresholds")}
+        z = run_single("LutConv", plain, attrs).astype(np.float64)
+        v = np.float64(inputs["QScale"].reshape(())) * z
+        tol = 2e-5 * max(1.0, float(np.abs(v).max()))
+        near = (np.abs(v[..., None] - inputs["QThresholds"].astype(np.float64)) <= tol).sum(-1)
+        diff = np.abs(got.astype(np.int64) - ref.astype(np.int64))
+        bad = diff > near
+        if got.dtype != np.uint8 or got.shape != ref.shape or bad.any():
+            failures.append(f"{int(bad.sum())} levels differ: attrs={attrs} x={inputs['X'].shape}")
+        exempt += int(((near > 0) & (diff > 0)).sum())
+        total += ref.size
+    assert not failures, f"{len(failures)}/{len(cases)} cases fail:\n" + "\n".join(failures[:5])
+    assert exempt <= 1e-3 * total, f"{exempt} of {total} levels differ at thresholds"
+
+
+def test_lut_conv_fused_residual_relu_matches_reference(so2):
+    cases = fused_cases(seed=21, count=250, quant=False)
+    check_cases(so2, "LutConv", cases)
+    check_cases(so2, "LutConv", cases[:100], constants=("Codes", "Codebook", "Scale"))
+
+
+def test_lut_conv_quant_matches_reference(so2):
+    cases = fused_cases(seed=22, count=250, quant=True)
+    check_levels(so2, cases)
+    check_levels(so2, cases[:100], constants=("Codes", "Codebook", "Scale"))
+
+
+def test_lut_conv_quant_exact_ties(so2):
+    """Integer codebook, unit scale, integer residual and thresholds: every output is an exact
+    integer, many equal a threshold (0 after relu above all), and levels count t <= value."""
+    rng = np.random.default_rng(25)
+    for k, relu in [(1, 1), (3, 0), (3, 1)]:
+        packed = pack_rows(rng.integers(0, 4, size=(20, 6 * k * k)), 2)
+        codebook = np.array([-2, -1, 1, 2], np.float32)  # integers: the exact int8 path
+        x = rng.integers(0, 2, size=(2, 6, 9, 40), dtype=np.uint8)
+        inputs = {"X": x, "Codes": packed, "Codebook": codebook, "Scale": np.ones(1, np.float32)}
+        attrs = {"bits": 2, "kernel_shape": [k, k], "pads": [k // 2] * 4, "relu": relu}
+        shape = run_single("LutConv", {**inputs, "Bias": None}, attrs).shape
+        inputs["Bias"] = np.zeros(20, np.float32)
+        inputs["Residual"] = rng.integers(-5, 6, size=shape).astype(np.float32)
+        inputs["QScale"] = np.array(1.0, np.float32)
+        inputs["QThresholds"] = np.array([-3, 0, 0, 1, 2, 5], np.float32)
+        ref = run_single("LutConvQuant", inputs, attrs)
+        plain = {k: v for k, v in inputs.items() if not k.startswith("Q")}
+        y = run_single("LutConv", plain, attrs)
+        assert np.isin(y, inputs["QThresholds"]).mean() > 0.1  # ties do occur
+        for constants in ((), ("Codes", "Codebook")):
+            got = run_ort(so2, "LutConvQuant", inputs, attrs, constants)
+            np.testing.assert_array_equal(got, ref)
+
+
+def test_lut_conv_quant_on_wide_strided_rows(so2):
+    rng = np.random.default_rng(23)
+    cases = []
+    for i, (inputs, attrs) in enumerate(wide_strided_cases(seed=24, count=40)):
+        attrs = {**attrs, "relu": int(rng.integers(0, 2))}
+        shape = run_single("LutConv", inputs, attrs).shape
+        inputs["Residual"] = rng.normal(size=shape).astype(np.float32) if i % 2 else None
+        thr = _thresholds_between(rng, run_single("LutConv", inputs, attrs))
+        cases.append(({**inputs, "QScale": np.array(1.0, np.float32), "QThresholds": thr}, attrs))
+    check_levels(so2, cases, constants=("Codes", "Codebook"))
+
+
 def test_lut_conv_constant_codes_run_twice(so2):
     """The cached repacking gives the same result on later runs and other inputs."""
     (inputs, attrs), (other, _) = conv_cases(seed=6, count=2)
@@ -406,6 +507,8 @@ def test_other_isa_paths_match_reference(isa, library, monkeypatch):
     monkeypatch.setenv("ADQ_ISA", isa)
     so = adq_session_options(num_threads=1)
     check_cases(so, "LutConv", conv_cases(seed=11, count=150, big_every=50))
+    check_cases(so, "LutConv", fused_cases(seed=15, count=60, quant=False))
+    check_levels(so, fused_cases(seed=16, count=60, quant=True))
     check_cases(so, "LutGemm", gemm_cases(seed=12, count=100))
     check_cases(so, "LutDequant", dequant_cases(seed=13, count=60), exact=True)
     check_cases(so, "ThresholdQuant", threshold_cases(seed=14, count=60), exact=True)
@@ -489,6 +592,20 @@ def _error_cases():
     def cv(**kw):
         return ("LutConv", *_with(conv, **kw))
 
+    y_shape = run_single("LutConv", *conv).shape
+    quant_ok = (
+        {
+            **conv[0],
+            "Residual": np.zeros(y_shape, np.float32),
+            "QScale": np.array(1.0, np.float32),
+            "QThresholds": np.array([0.0, 1.0], np.float32),
+        },
+        {**conv[1], "relu": 1},
+    )
+
+    def cq(**kw):
+        return ("LutConvQuant", *_with(quant_ok, **kw))
+
     def gm(**kw):
         return ("LutGemm", *_with(gemm, **kw))
 
@@ -540,6 +657,26 @@ def _error_cases():
         "conv kernel_shape missing": (
             ("LutConv", conv[0], {"bits": 2}),
             "missing required attribute 'kernel_shape'",
+        ),
+        "conv Residual wrong shape": (
+            cv(Residual=np.zeros((1, *y_shape[1:-1], y_shape[-1] + 1), np.float32)),
+            "Residual must have the output's shape",
+        ),
+        "conv Residual uint8": (cv(Residual=np.zeros(y_shape, np.uint8)), "Type Error"),
+        "conv relu 2": (cv(relu=2), "'relu' must be 0 or 1"),
+        "quant QThresholds decreasing": (
+            cq(QThresholds=np.array([1.0, 0.0], np.float32)),
+            "QThresholds must be non-decreasing",
+        ),
+        "quant QThresholds empty": (cq(QThresholds=np.zeros(0, np.float32)), "1..255 entries"),
+        "quant QThresholds NaN": (
+            cq(QThresholds=np.array([0.0, np.nan], np.float32)),
+            "non-decreasing and not NaN",
+        ),
+        "quant QScale [2]": (cq(QScale=np.ones(2, np.float32)), "QScale must be a scalar"),
+        "quant Residual wrong shape": (
+            cq(Residual=np.zeros((2, *y_shape[1:]), np.float32)),
+            "Residual must have the output's shape",
         ),
         "gemm X rank 3": (gm(X=gemm[0]["X"][None]), "'X' must have rank 2"),
         "gemm X float": (gm(X=gemm[0]["X"].astype(np.float32)), "Type Error"),

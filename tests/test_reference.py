@@ -249,6 +249,90 @@ def test_threshold_quant_rounds_product_to_float32():
     assert q.tolist() == [1]
 
 
+# ----------------------------------------------------------------------------- fused epilogue
+
+
+def _epilogue_case(rng, case):
+    """A _conv_case with a Residual (or None) and relu 0/1, and its brute-force float64 Z
+    (``Scale*acc + Bias [+ Residual]``, relu applied) with its magnitude for the tolerance."""
+    inputs, attrs, w, (strides, pads, dilations, group) = _conv_case(rng)
+    z, mag = _brute_conv(
+        inputs["X"], w, inputs["Scale"], inputs["Bias"], strides, pads, dilations, group
+    )
+    residual = None
+    if case % 3:
+        spread = float(np.abs(z).max()) or 1.0
+        residual = (rng.standard_normal(z.shape) * spread).astype(np.float32)
+        z, mag = z + residual, mag + np.abs(residual)
+    relu = case % 2
+    if relu or rng.random() < 0.5:
+        attrs["relu"] = relu  # else the default, 0
+    if relu:
+        z = np.maximum(z, 0)
+    return {**inputs, "Residual": residual}, attrs, z, mag
+
+
+def test_lut_conv_residual_relu_random():
+    """Y = relu(Z + Residual): against brute force, and bit for bit the float32 Z of the plain
+    op plus one float32 add, then max(., 0)."""
+    rng = np.random.default_rng(31)
+    clipped = 0
+    for case in range(60):
+        inputs, attrs, z, mag = _epilogue_case(rng, case)
+        y = run_single("LutConv", inputs, attrs)
+        _assert_close(y, z, mag)
+        plain = run_single("LutConv", {**inputs, "Residual": None}, {**attrs, "relu": 0})
+        if inputs["Residual"] is not None:
+            plain = plain + inputs["Residual"]
+        if attrs.get("relu"):
+            clipped += int((plain < 0).sum())
+            plain = np.maximum(plain, np.float32(0))
+        np.testing.assert_array_equal(y, plain)
+    assert clipped > 0
+
+
+def test_lut_conv_relu_and_residual_specials():
+    """NaN stays NaN through relu, -inf becomes 0, +inf stays; the residual is added as is."""
+    inputs, attrs = _valid()["LutConv"]
+    z = run_single("LutConv", inputs, attrs)  # -18 inside, -8 .. -12 on the border
+    r = np.full(z.shape, 20.0, np.float32)
+    r.flat[:4] = [np.nan, -np.inf, np.inf, -100.0]
+    y = run_single("LutConv", {**inputs, "Residual": r}, {**attrs, "relu": 1})
+    assert np.isnan(y.flat[0]) and y.flat[1] == 0 and y.flat[2] == np.inf and y.flat[3] == 0
+    np.testing.assert_array_equal(y.flat[4:], (z + r).flat[4:])
+    assert (y.flat[4:] > 0).all()
+
+
+def test_lut_conv_quant_random():
+    """Q = ThresholdQuant(LutConv(...)): levels of the brute-force float64 output (equal except
+    within rounding of a threshold, rarely), and exactly the two reference ops in sequence."""
+    rng = np.random.default_rng(41)
+    near_diffs = total = 0
+    seen = set()
+    for case in range(60):
+        inputs, attrs, z, mag = _epilogue_case(rng, case)
+        qscale = np.float32(rng.uniform(0.5, 2.0) * (-1 if case % 7 == 0 else 1))
+        t = int(rng.choice([1, 3, 7, 15, 255]))
+        v = np.float64(qscale) * z
+        thr = np.sort(np.quantile(v, rng.random(t)).astype(np.float32))
+        quant = {"QScale": np.array(qscale).reshape(() if case % 2 else (1,)), "QThresholds": thr}
+        q = run_single("LutConvQuant", {**inputs, **quant}, attrs)
+        assert q.dtype == np.uint8 and q.shape == z.shape
+        expect = (v[..., None] >= thr.astype(np.float64)).sum(-1)
+        tol = 2e-5 * np.abs(np.float64(qscale)) * mag
+        near = (np.abs(v[..., None] - thr) <= tol[..., None]).any(-1)
+        assert not ((q != expect) & ~near).any()
+        near_diffs += int((q != expect).sum())
+        total += q.size
+        y = run_single("LutConv", inputs, attrs)
+        tq = run_single("ThresholdQuant", {"X": y, "Scale": quant["QScale"], "Thresholds": thr})
+        np.testing.assert_array_equal(q, tq)
+        seen.add(len(np.unique(q)) > 2)
+        seen.update({("residual", inputs["Residual"] is None), ("relu", attrs.get("relu", 0))})
+    assert near_diffs <= 1e-3 * total
+    assert seen >= {True, ("residual", True), ("residual", False), ("relu", 0), ("relu", 1)}
+
+
 # ----------------------------------------------------------------------------- wiring
 
 
@@ -261,9 +345,11 @@ def test_classes_match_schema_declarations():
         assert cls.__module__ == f"runtime.reference.op_{snake}"
         params = list(inspect.signature(cls._run).parameters.values())[1:]  # drop self
         n_in = len(decl.inputs)
-        for p, io in zip(params[:n_in], decl.inputs, strict=True):
+        for k, (p, io) in enumerate(zip(params[:n_in], decl.inputs, strict=True)):
             assert p.name == io.name
-            assert p.default is (None if io.optional else inspect.Parameter.empty)
+            # an optional input followed by a required one is always listed ("" -> None)
+            trailing = all(later.optional for later in decl.inputs[k:])
+            assert p.default is (None if trailing else inspect.Parameter.empty)
         attrs = {p.name: p.default for p in params[n_in:]}
         assert attrs == attribute_defaults(decl.name)
         assert list(attrs) == [a.name for a in decl.attrs]
@@ -292,6 +378,59 @@ def test_single_op_models_pass_onnx_checker(tmp_path):
     assert q_model.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
 
 
+@pytest.mark.parametrize("residual", [False, True])
+def test_lut_conv_quant_lists_absent_inputs_as_empty(residual):
+    """A LutConvQuant node without Bias (and Residual) names them "": onnx.checker accepts it."""
+    register_onnx_schemas()
+    inputs, attrs = _valid()["LutConvQuant"]
+    inputs = {**inputs, "Bias": None, "Residual": inputs["Residual"] if residual else None}
+    model = single_op_model("LutConvQuant", inputs, attrs)
+    onnx.checker.check_model(model, full_check=True)
+    names = list(model.graph.node[0].input)
+    assert len(names) == 8 and names[4] == "" and (names[5] == "") != residual
+    q = run_single("LutConvQuant", inputs, attrs)
+    assert q.dtype == np.uint8 and q.shape == (1, 6, 3, 3)
+    assert q.any() == residual  # relu(-18 + 20) = 2 has level 2, relu(-18) level 0
+
+
+def _inferred_dims(model):
+    out = onnx.shape_inference.infer_shapes(model, strict_mode=True).graph.output[0]
+    t = out.type.tensor_type
+    dims = [d.dim_value if d.HasField("dim_value") else d.dim_param or None for d in t.shape.dim]
+    return t.elem_type, dims
+
+
+@pytest.mark.parametrize(
+    "op", ["ThresholdQuant", "LutDequant", "LutConv", "LutConvQuant", "LutGemm"]
+)
+def test_shape_inference_gives_the_output_shape(op):
+    """The registered schemas infer the output's type and shape the reference computes."""
+    register_onnx_schemas()
+    inputs, attrs = _valid()[op]
+    model = single_op_model(op, inputs, attrs)
+    y = run_single(op, inputs, attrs)
+    elem, dims = _inferred_dims(model)
+    assert elem == onnx.helper.np_dtype_to_tensor_dtype(y.dtype) and dims == list(y.shape)
+    if op.startswith("LutConv"):  # strided, padded, dilated: OH / OW from the attributes
+        attrs = {**attrs, "strides": [2, 1], "pads": [1, 0, 2, 1], "dilations": [1, 2]}
+        inputs = {**inputs, "Residual": None}
+        elem, dims = _inferred_dims(single_op_model(op, inputs, attrs))
+        assert dims == list(run_single(op, inputs, attrs).shape) == [1, 6, 3, 2]
+
+
+def test_shape_inference_keeps_symbols_and_unknowns():
+    """A symbolic batch is kept, an unknown H gives an unknown OH; the rest is computed."""
+    register_onnx_schemas()
+    inputs, attrs = _valid()["LutConv"]
+    model = single_op_model("LutConv", inputs, attrs)
+    x_dims = model.graph.input[0].type.tensor_type.shape.dim
+    x_dims[0].dim_param = "batch"
+    x_dims[2].Clear()
+    n, m, oh, ow = _inferred_dims(model)[1]
+    assert (n, m, ow) == ("batch", 6, 3)
+    assert oh is None or oh.startswith("unk__")  # onnx names unknown output dims itself
+
+
 # ----------------------------------------------------------------------------- errors
 
 
@@ -305,6 +444,8 @@ def _valid():
         Bias=np.zeros(6, f),
     )
     conv_attrs = dict(bits=3, kernel_shape=[3, 3], group=2)
+    # Y = 20 - 18 = 2 inside (levels 2), the residual makes the quantized output non-zero
+    quant = dict(conv, Residual=np.full((1, 6, 3, 3), 20, f), QScale=np.ones(1, f), QThresholds=THR)
     gemm = dict(
         X=np.ones((2, 5), np.uint8),
         Codes=pack_rows(np.ones((3, 5), np.int64), 4),
@@ -319,6 +460,7 @@ def _valid():
         "LutGemm": (gemm, dict(bits=4)),
         "LutDequant": (deq, dict(bits=2, shape=[3, 2, 2])),
         "ThresholdQuant": (tq, {}),
+        "LutConvQuant": (quant, dict(conv_attrs, relu=1)),
     }
 
 
@@ -387,6 +529,29 @@ ERRORS = [
     ("LutConv", {}, {"group": 4}),  # C/group = 1: Codes mismatch
     ("LutConv", {}, {"dilations": [3, 1]}),  # effective kernel 7 > 5: empty output
     ("LutConv", {"X": np.ones((1, 4, 2, 9), np.uint8)}, {}),  # empty output
+    ("LutConv", {"Residual": np.zeros((1, 6, 3, 4), np.float32)}, {}),  # not Y's shape
+    ("LutConv", {"Residual": np.zeros((1, 6, 1, 1), np.float32)}, {}),  # would broadcast
+    ("LutConv", {"Residual": np.zeros((6, 3, 3), np.float32)}, {}),
+    ("LutConv", {"Residual": np.zeros((1, 6, 3, 3), np.float64)}, {}),
+    ("LutConv", {"Residual": np.zeros((1, 6, 3, 3), np.uint8)}, {}),
+    ("LutConv", {}, {"relu": 2}),
+    ("LutConv", {}, {"relu": -1}),
+    # LutConvQuant: its own inputs, and LutConv's errors reported under its name
+    ("LutConvQuant", {"QThresholds": np.zeros(0, np.float32)}, {}),
+    ("LutConvQuant", {"QThresholds": np.zeros(256, np.float32)}, {}),
+    ("LutConvQuant", {"QThresholds": _f(1, 0.5)}, {}),
+    ("LutConvQuant", {"QThresholds": _f(0, np.nan)}, {}),
+    ("LutConvQuant", {"QThresholds": np.zeros((1, 2), np.float32)}, {}),
+    ("LutConvQuant", {"QThresholds": THR.astype(np.float64)}, {}),
+    ("LutConvQuant", {"QScale": _f(1, 2)}, {}),
+    ("LutConvQuant", {"QScale": np.ones((1, 1), np.float32)}, {}),
+    ("LutConvQuant", {"QScale": np.ones(1, np.float64)}, {}),
+    ("LutConvQuant", {"Residual": np.zeros((1, 6, 3, 4), np.float32)}, {}),
+    ("LutConvQuant", {"Residual": np.zeros((1, 6, 3, 3), np.float64)}, {}),
+    ("LutConvQuant", {}, {"relu": 2}),
+    ("LutConvQuant", {"Bias": np.zeros(1, np.float32)}, {}),
+    ("LutConvQuant", {"X": np.ones((1, 4, 5, 5), np.float32)}, {}),
+    ("LutConvQuant", {}, {"kernel_shape": None}),
 ]
 
 

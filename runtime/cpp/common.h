@@ -232,6 +232,16 @@ inline Lut GetLut(const Ort::KernelContext& ctx, size_t codes_index, size_t code
   return l;
 }
 
+// The scale and thresholds of a ThresholdQuant (or LutConvQuant's QScale, QThresholds): a scalar
+// scale and 1..255 non-decreasing thresholds without NaN.
+struct Levels {
+  float scale = 1.0f;
+  const float* t = nullptr;
+  int T = 0;
+};
+Levels GetLevels(const Ort::KernelContext& ctx, size_t scale_index, size_t thresholds_index,
+                 const char* scale_name, const char* thresholds_name);
+
 inline float* GetOutputFloat(Ort::KernelContext& ctx, const Shape& shape) {
   auto v = ctx.GetOutput(0, shape);
   return v.GetTensorMutableData<float>();
@@ -300,11 +310,15 @@ enum class Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
 // by the environment variable ADQ_ISA=scalar|avx2|avx512 (read when a kernel is created).
 Isa SelectIsa();
 
+// q[i] = #{k : lv.scale * x[i] >= lv.t[k]} (NaN: 0), x and q of n entries (ThresholdQuant).
+void CountLevels(const float* x, int64_t n, const Levels& lv, uint8_t* q, Isa isa);
+
 // ---- the op template -------------------------------------------------------------------------
 
 // Kernel provides: static constexpr const char* kName; static constexpr
-// ONNXTensorElementDataType kInputs[], kOutputs[]; static constexpr size_t kRequiredInputs;
-// explicit Kernel(const OrtKernelInfo*); void Compute(Ort::KernelContext&).
+// ONNXTensorElementDataType kInputs[], kOutputs[]; static constexpr uint32_t kOptionalInputs
+// (bit i set: input i may be absent); explicit Kernel(const OrtKernelInfo*);
+// void Compute(Ort::KernelContext&).
 template <class Kernel>
 struct KernelAdapter : Kernel {
   using Kernel::Kernel;
@@ -328,7 +342,7 @@ struct Op : Ort::CustomOpBase<Op<Kernel>, KernelAdapter<Kernel>, true> {
   size_t GetInputTypeCount() const { return std::size(Kernel::kInputs); }
   ONNXTensorElementDataType GetInputType(size_t i) const { return Kernel::kInputs[i]; }
   OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
-    return i < Kernel::kRequiredInputs ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
+    return (Kernel::kOptionalInputs >> i) & 1u ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
   }
   size_t GetOutputTypeCount() const { return std::size(Kernel::kOutputs); }
   ONNXTensorElementDataType GetOutputType(size_t i) const { return Kernel::kOutputs[i]; }
@@ -341,6 +355,7 @@ constexpr ONNXTensorElementDataType kF32 = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
 const OrtCustomOp* ThresholdQuantOp();
 const OrtCustomOp* LutDequantOp();
 const OrtCustomOp* LutConvOp();
+const OrtCustomOp* LutConvQuantOp();
 const OrtCustomOp* LutGemmOp();
 
 }  // namespace adq

@@ -227,10 +227,46 @@ __attribute__((target("avx512f"))) inline void Transpose16(__m512 r[16]) {
   }
 }
 
-// Writes a tile [nq][32] (outputs x channels) to NCHW rows: y[l * P + j] = tile[j][l], through
-// 16 x 16 transposes in registers and masked stores.
+// Where a tile's outputs go: element (channel l, output j) of the tile is flat index l * P + j
+// of each pointer (all offset to the tile's first output of its first channel).
+struct TileOut {
+  float* y;               // the float output (nullptr with levels)
+  const float* residual;  // added when RES
+  uint8_t* q;             // the levels output (QUANT)
+  const Levels* levels;
+};
+
+// Levels #{k : scale * v >= t[k]} of the first n lanes of v, stored as bytes (NaN: 0).
+__attribute__((target("avx512f"))) inline void StoreLevels(__m512 v, const Levels& lv, int64_t n,
+                                                           uint8_t* q) {
+  const __m512 sv = _mm512_mul_ps(_mm512_set1_ps(lv.scale), v);
+  const __m512i one = _mm512_set1_epi32(1);
+  __m512i c = _mm512_setzero_si512();
+  for (int k = 0; k < lv.T; ++k) {
+    const __mmask16 ge = _mm512_cmp_ps_mask(sv, _mm512_set1_ps(lv.t[k]), _CMP_GE_OQ);
+    c = _mm512_mask_add_epi32(c, ge, c, one);
+  }
+  // A narrowing store with a byte mask is slow on some CPUs (AMD Zen): plain 16- and 8-byte
+  // stores for whole and half rows of a tile (the common widths), a short copy otherwise.
+  const __m128i bytes = _mm512_cvtepi32_epi8(c);
+  if (n == 16) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q), bytes);
+  } else if (n == 8) {
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(q), bytes);
+  } else {
+    alignas(16) uint8_t tmp[16];
+    _mm_store_si128(reinterpret_cast<__m128i*>(tmp), bytes);
+    std::memcpy(q, tmp, static_cast<size_t>(n));
+  }
+}
+
+// Writes a tile [nq][32] (outputs x channels) to NCHW rows through 16 x 16 transposes in
+// registers, with the fused epilogue (+ residual, relu, levels: chosen at compile time), and
+// masked stores.
+template <bool RES, bool RELU, bool QUANT>
 __attribute__((target("avx512f"))) void StoreTile(const float* tile, int64_t nq, int64_t mcount,
-                                                  float* y, int64_t P) {
+                                                  const TileOut& o, int64_t P) {
+  const __m512 zero = _mm512_setzero_ps();
   for (int64_t q0 = 0; q0 < nq; q0 += 16) {
     const int64_t n = std::min<int64_t>(16, nq - q0);
     const __mmask16 mask = static_cast<__mmask16>((1u << n) - 1u);
@@ -243,10 +279,30 @@ __attribute__((target("avx512f"))) void StoreTile(const float* tile, int64_t nq,
       Transpose16(r);
       const int64_t lanes = std::min<int64_t>(kLanes, mcount - b * kLanes);
       for (int64_t l = 0; l < lanes; ++l) {
-        _mm512_mask_storeu_ps(y + (b * kLanes + l) * P + q0, mask, r[l]);
+        const int64_t at = (b * kLanes + l) * P + q0;
+        __m512 v = r[l];
+        if (RES) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, o.residual + at));
+        if (RELU) v = _mm512_max_ps(zero, v);  // max(0, NaN) is the NaN (second operand)
+        if (QUANT) {
+          StoreLevels(v, *o.levels, n, o.q + at);
+        } else {
+          _mm512_mask_storeu_ps(o.y + at, mask, v);
+        }
       }
     }
   }
+}
+
+using StoreFn = void (*)(const float*, int64_t, int64_t, const TileOut&, int64_t);
+
+// The StoreTile for an epilogue.
+StoreFn ChooseStore(const Fused& f) {
+  static constexpr StoreFn kStores[8] = {
+      &StoreTile<false, false, false>, &StoreTile<false, false, true>,
+      &StoreTile<false, true, false>,  &StoreTile<false, true, true>,
+      &StoreTile<true, false, false>,  &StoreTile<true, false, true>,
+      &StoreTile<true, true, false>,   &StoreTile<true, true, true>};
+  return kStores[(f.residual ? 4 : 0) + (f.relu ? 2 : 0) + (f.q ? 1 : 0)];
 }
 
 template <bool WIDE, size_t... Q>
@@ -381,8 +437,19 @@ std::shared_ptr<const Packed> Cache::Get(const Lut& lut, Kind kind, int64_t C, i
   return packed_;
 }
 
+void Finish(float* v, int64_t n, const Fused& f, int64_t at, Isa isa) {
+  if (f.residual) {
+    const float* r = f.residual + at;
+    for (int64_t i = 0; i < n; ++i) v[i] += r[i];
+  }
+  if (f.relu) {
+    for (int64_t i = 0; i < n; ++i) v[i] = v[i] < 0.0f ? 0.0f : v[i];  // NaN stays NaN
+  }
+  if (f.q) CountLevels(v, n, f.levels, f.q + at, isa);
+}
+
 void Conv(const Ort::KernelContext& ctx, const ConvShape& s, const uint8_t* x, const Packed& w,
-          const Lut& lut, const Affine& af, float* y, Isa isa) {
+          const Lut& lut, const Affine& af, const Fused& f, float* y, Isa isa) {
   const bool integer = w.kind == Kind::kInt8;
   const int64_t Hp = s.H + s.pT + s.pB, Wp = s.W + s.pL + s.pR;
   const int64_t Hq = (Hp + s.sH - 1) / s.sH, Wq = (Wp + s.sW - 1) / s.sW;
@@ -551,7 +618,7 @@ void Conv(const Ort::KernelContext& ctx, const ConvShape& s, const uint8_t* x, c
     a.bias = a.scale + 2 * kLanes;
     a.out = tile;
     const int64_t image = n * groups * cstride;
-    float* yn = y + (n * s.M + m0) * P;
+    const int64_t base = (n * s.M + m0) * P;  // flat index of the tile column's first output
     const int64_t oh_end = std::min(s.OH, (rc + 1) * rows_per_task);
     const std::vector<int64_t>& starts = nb == 2 ? starts2 : starts1;
     const int64_t parts = static_cast<int64_t>(starts.size()) - 1;
@@ -569,25 +636,32 @@ void Conv(const Ort::KernelContext& ctx, const ConvShape& s, const uint8_t* x, c
             const int64_t ow0 = starts[part], nq = starts[part + 1] - ow0;
             a.x = fplanes + image + oh * Wq + ow0;
             tiles[nq - 1](a);
-            float* yo = yn + b * kLanes * P + oh * s.OW + ow0;
+            const int64_t at = base + b * kLanes * P + oh * s.OW + ow0;
             for (int64_t l = 0; l < lanes; ++l) {
-              for (int64_t j = 0; j < nq; ++j) yo[l * P + j] = tile[j * 2 * kLanes + l];
+              float row[kMaxQAvx2];
+              for (int64_t j = 0; j < nq; ++j) row[j] = tile[j * 2 * kLanes + l];
+              Finish(row, nq, f, at + l * P, isa);
+              if (!f.q) std::copy(row, row + nq, y + at + l * P);
             }
           }
         }
       }
       return;
     }
+    const StoreFn store = ChooseStore(f);
     const TileFn* tiles = integer   ? kTilesInt[nb - 1].data()
                           : nb == 2 ? kTilesFloat2.data()
                                     : kTilesFloat1.data();
     for (int64_t oh = rc * rows_per_task; oh < oh_end; ++oh) {
       for (int64_t part = 0; part < parts; ++part) {
         const int64_t ow0 = starts[part], nq = starts[part + 1] - ow0;
-        const int64_t at = image + oh * Wq + ow0;
-        a.x = integer ? static_cast<const void*>(qplanes + at * 4) : fplanes + at;
+        const int64_t in = image + oh * Wq + ow0;
+        a.x = integer ? static_cast<const void*>(qplanes + in * 4) : fplanes + in;
         tiles[nq - 1](a);
-        StoreTile(tile, nq, mcount, yn + oh * s.OW + ow0, P);
+        const int64_t at = base + oh * s.OW + ow0;
+        const TileOut o{y ? y + at : nullptr, f.residual ? f.residual + at : nullptr,
+                        f.q ? f.q + at : nullptr, &f.levels};
+        store(tile, nq, mcount, o, P);
       }
     }
   });

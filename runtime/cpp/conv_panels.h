@@ -60,13 +60,27 @@ class Cache {
   std::shared_ptr<const Packed> packed_;
 };
 
+// What follows Scale and Bias in LutConv / LutConvQuant (docs/onnx-ops.md): + Residual, relu,
+// and for LutConvQuant the thresholds, counted into uint8 levels instead of writing floats.
+struct Fused {
+  const float* residual = nullptr;  // [N, M, OH, OW], or nullptr
+  bool relu = false;
+  uint8_t* q = nullptr;  // LutConvQuant's output [N, M, OH, OW] (no float output then)
+  Levels levels;         // LutConvQuant's QScale and QThresholds
+};
+
+// The fused epilogue on n consecutive outputs v (in place) at flat output index `at`; with f.q
+// set, their levels go to f.q + at.
+void Finish(float* v, int64_t n, const Fused& f, int64_t at, Isa isa);
+
 struct ConvShape {
   int64_t N, C, H, W, M, kH, kW, sH, sW, dH, dW, pT, pL, pB, pR, OH, OW;
 };
 
-// Y[n, m] = Scale[m] * conv(X, Codebook[codes]) + Bias[m] for group 1 (docs/onnx-ops.md);
-// isa: kAvx512 or kAvx2 (kFloat only).
+// Y[n, m] = Scale[m] * conv(X, Codebook[codes]) + Bias[m] for group 1, then the fused
+// epilogue f (docs/onnx-ops.md); y is nullptr when f.q takes the output. isa: kAvx512 or kAvx2
+// (kFloat only).
 void Conv(const Ort::KernelContext& ctx, const ConvShape& s, const uint8_t* x, const Packed& w,
-          const Lut& lut, const Affine& af, float* y, Isa isa);
+          const Lut& lut, const Affine& af, const Fused& f, float* y, Isa isa);
 
 }  // namespace adq::panels

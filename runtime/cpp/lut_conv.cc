@@ -1,6 +1,9 @@
-// LutConv: Y = Scale[m] * conv2d(X, Codebook[unpack(Codes)]) + Bias[m] on uint8 levels X
-// (docs/onnx-ops.md). Weights stay packed in the model; each Compute decodes them once into a
-// per-thread float scratch (vector table lookups). Then, by case:
+// LutConv: Y = Scale[m] * conv2d(X, Codebook[unpack(Codes)]) + Bias[m] on uint8 levels X, then
+// optionally + Residual and relu; LutConvQuant: the same, thresholded into uint8 levels
+// (docs/onnx-ops.md). Group-1 convolutions with codes of at most 4 bits run the panel kernels
+// of conv_panels.cc, which apply that epilogue as they store. The paths below are the others:
+// they write floats and run the epilogue over them. Weights stay packed in the model; each
+// Compute decodes them once into a per-thread float scratch (vector table lookups). By case:
 //  - stride 1: the uint8 input becomes zero-padded float planes [Hp, Wp] once; each kernel tap
 //    (i, j) is then a GEMM whose B is the padded planes shifted by i*dH*Wp + j*dW (outputs are
 //    computed over rows of Wp and the wrapped-around columns dropped): no im2col. Weights are
@@ -13,6 +16,8 @@
 
 
 #include <algorithm>
+#include <array>
+#include <vector>
 
 #include "common.h"
 #include "conv_panels.h"
@@ -83,13 +88,23 @@ inline void Epilogue(float* y, int64_t n, const Affine& af, int64_t m) {
   for (int64_t q = 0; q < n; ++q) y[q] = s * y[q] + b;
 }
 
-struct LutConv {
-  static constexpr const char* kName = "LutConv";
-  static constexpr ONNXTensorElementDataType kInputs[] = {kU8, kU8, kF32, kF32, kF32};
-  static constexpr ONNXTensorElementDataType kOutputs[] = {kF32};
-  static constexpr size_t kRequiredInputs = 4;
+template <size_t N>
+constexpr std::array<ONNXTensorElementDataType, N> ConvInputs() {
+  std::array<ONNXTensorElementDataType, N> types{};
+  for (size_t i = 0; i < N; ++i) types[i] = i < 2 ? kU8 : kF32;
+  return types;
+}
 
-  explicit LutConv(const OrtKernelInfo* info) : isa_(SelectIsa()) {
+// LutConv (kQuant false) and LutConvQuant (kQuant true).
+template <bool kQuant>
+struct LutConvT {
+  static constexpr const char* kName = kQuant ? "LutConvQuant" : "LutConv";
+  // X, Codes (uint8), Codebook, Scale, Bias, Residual (and QScale, QThresholds)
+  static constexpr auto kInputs = ConvInputs<kQuant ? 8 : 6>();
+  static constexpr ONNXTensorElementDataType kOutputs[] = {kQuant ? kU8 : kF32};
+  static constexpr uint32_t kOptionalInputs = (1u << 4) | (1u << 5);
+
+  explicit LutConvT(const OrtKernelInfo* info) : isa_(SelectIsa()) {
     bits_ = BitsAttr(info);
     kernel_ = IntsAttr(info, "kernel_shape", nullptr);
     const Shape ones{1, 1}, zeros{0, 0, 0, 0};
@@ -108,6 +123,10 @@ struct LutConv {
     for (int64_t v : dilations_) Check(v > 0 && v < kLimit, "dilations must be positive, got ", ShapeStr(dilations_));
     for (int64_t v : pads_) Check(v >= 0 && v < kLimit, "pads must be non-negative, got ", ShapeStr(pads_));
     Check(group_ >= 1, "group must be >= 1, got ", group_);
+    const int64_t zero = 0;
+    const int64_t relu = IntAttr(info, "relu", &zero);
+    Check(relu == 0 || relu == 1, "attribute 'relu' must be 0 or 1, got ", relu);
+    relu_ = relu == 1;
     // Constant Codes and Codebook (initializers) are repacked once for the panel paths and kept.
     Ort::ConstKernelInfo ki(info);
     auto is_constant = [&](size_t i) {
@@ -147,15 +166,47 @@ struct LutConv {
     const Geom g = Geometry(x, M);
     Lut lut = GetLut(ctx, 1, 2, bits_, M, g.R);
     Affine af = GetAffine(ctx, 3, 4, M);
-    float* y = GetOutputFloat(ctx, {g.N, M, g.OH, g.OW});
+    const Shape yshape{g.N, M, g.OH, g.OW};
+    panels::Fused f;
+    f.relu = relu_;
+    if (HasInput(ctx, 5)) {
+      Tensor r = GetInput(ctx, 5, "Residual", kF32, 4);
+      Check(r.shape == yshape, "Residual must have the output's shape ", ShapeStr(yshape), ", got ",
+            ShapeStr(r.shape));
+      f.residual = r.as<float>();
+    }
+    float* y = nullptr;
+    if (kQuant) {
+      f.levels = GetLevels(ctx, 6, 7, "QScale", "QThresholds");
+      f.q = ctx.GetOutput(0, yshape).GetTensorMutableData<uint8_t>();
+    } else {
+      y = GetOutputFloat(ctx, yshape);
+    }
     const panels::Kind kind = panels::Choose(isa_, lut, group_, g.G, g.kH * g.kW);
     if (kind != panels::Kind::kNone) {
       const auto packed = cache_.Get(lut, kind, g.G, g.kH * g.kW, constant_);
       const panels::ConvShape s{g.N,  g.C,  g.H,  g.W,  M,        g.kH,     g.kW,     g.sH, g.sW,
                                 g.dH, g.dW, g.pT, g.pL, pads_[2], pads_[3], g.OH, g.OW};
-      panels::Conv(ctx, s, x.as<uint8_t>(), *packed, lut, af, y, isa_);
+      panels::Conv(ctx, s, x.as<uint8_t>(), *packed, lut, af, f, y, isa_);
       return;
     }
+    // The other paths write floats (LutConvQuant: to a buffer), then the epilogue runs over them.
+    const int64_t total = CheckedMul(CheckedMul(g.N, M, "output"), g.P, "output");
+    std::vector<float> buffer(kQuant ? static_cast<size_t>(total) : 0);
+    if (kQuant) y = buffer.data();
+    ComputeFloat(ctx, g, x, lut, af, y);
+    if (!f.residual && !f.relu && !f.q) return;
+    constexpr int64_t kChunk = 1 << 14;
+    ParallelFor(ctx, static_cast<size_t>((total + kChunk - 1) / kChunk), [&](size_t t) {
+      const int64_t i0 = static_cast<int64_t>(t) * kChunk;
+      panels::Finish(y + i0, std::min(kChunk, total - i0), f, i0, isa_);
+    });
+  }
+
+  // Y = Scale * conv + Bias into y (the paths other than the panel kernels).
+  void ComputeFloat(const Ort::KernelContext& ctx, const Geom& g, const Tensor& x, const Lut& lut,
+                    const Affine& af, float* y) const {
+    const int64_t M = g.M;
     const bool direct = g.Mg <= 2;
 
     const bool stride1 = g.sH == 1 && g.sW == 1;
@@ -355,6 +406,7 @@ struct LutConv {
   Isa isa_;
   int64_t bits_, group_;
   Shape kernel_, strides_, pads_, dilations_;
+  bool relu_ = false;
   bool constant_ = false;
   mutable panels::Cache cache_;
 };
@@ -362,7 +414,12 @@ struct LutConv {
 }  // namespace
 
 const OrtCustomOp* LutConvOp() {
-  static const Op<LutConv> op;
+  static const Op<LutConvT<false>> op;
+  return &op;
+}
+
+const OrtCustomOp* LutConvQuantOp() {
+  static const Op<LutConvT<true>> op;
   return &op;
 }
 

@@ -11,7 +11,7 @@ struct LutDequant {
   static constexpr const char* kName = "LutDequant";
   static constexpr ONNXTensorElementDataType kInputs[] = {kU8, kF32};
   static constexpr ONNXTensorElementDataType kOutputs[] = {kF32};
-  static constexpr size_t kRequiredInputs = 2;
+  static constexpr uint32_t kOptionalInputs = 0;
 
   explicit LutDequant(const OrtKernelInfo* info) : isa_(SelectIsa()) {
     bits_ = BitsAttr(info);

@@ -20,7 +20,7 @@ struct LutGemm {
   static constexpr const char* kName = "LutGemm";
   static constexpr ONNXTensorElementDataType kInputs[] = {kU8, kU8, kF32, kF32, kF32};
   static constexpr ONNXTensorElementDataType kOutputs[] = {kF32};
-  static constexpr size_t kRequiredInputs = 4;
+  static constexpr uint32_t kOptionalInputs = 1u << 4;
 
   explicit LutGemm(const OrtKernelInfo* info) : isa_(SelectIsa()) { bits_ = BitsAttr(info); }
 

@@ -17,6 +17,7 @@ constexpr OpFactory kOps[] = {
     ThresholdQuantOp,
     LutDequantOp,
     LutConvOp,
+    LutConvQuantOp,
     LutGemmOp,
 };
 

@@ -57,43 +57,22 @@ struct ThresholdQuant {
   static constexpr const char* kName = "ThresholdQuant";
   static constexpr ONNXTensorElementDataType kInputs[] = {kF32, kF32, kF32};
   static constexpr ONNXTensorElementDataType kOutputs[] = {kU8};
-  static constexpr size_t kRequiredInputs = 3;
+  static constexpr uint32_t kOptionalInputs = 0;
 
   explicit ThresholdQuant(const OrtKernelInfo* /*info*/) : isa_(SelectIsa()) {}
 
   void Compute(Ort::KernelContext& ctx) const {
     Tensor x = GetInput(ctx, 0, "X", kF32, -1);
-    Tensor scale = GetInput(ctx, 1, "Scale", kF32, -1);
-    Check(scale.shape.empty() || (scale.shape.size() == 1 && scale.shape[0] == 1),
-          "Scale must be a scalar ([] or [1]), got ", ShapeStr(scale.shape));
-    Tensor th = GetInput(ctx, 2, "Thresholds", kF32, 1);
-    const int64_t T = th.shape[0];
-    Check(T >= 1 && T <= 255, "Thresholds must have 1..255 entries, got ", T);
-    const float s = *scale.as<float>();
-    const float* t = th.as<float>();
-    const int nt = static_cast<int>(T);
-    for (int k = 0; k < nt; ++k) {
-      Check(t[k] == t[k] && (k == 0 || t[k - 1] <= t[k]),
-            "Thresholds must be non-decreasing and not NaN (entry ", k, ")");
-    }
-
+    const Levels lv = GetLevels(ctx, 1, 2, "Scale", "Thresholds");
     auto out = ctx.GetOutput(0, x.shape);
     uint8_t* q = out.GetTensorMutableData<uint8_t>();
     const float* xs = x.as<float>();
     const int64_t n = x.size;
     constexpr int64_t kChunk = 1 << 15;
     const size_t tasks = static_cast<size_t>((n + kChunk - 1) / kChunk);
-    const bool avx2 = isa_ != Isa::kScalar;
     ParallelFor(ctx, tasks, [&](size_t task) {
       const int64_t i0 = static_cast<int64_t>(task) * kChunk;
-      const int64_t len = std::min(kChunk, n - i0);
-      if (nt > 24) {
-        CountSorted(xs + i0, len, s, t, nt, q + i0);
-      } else if (avx2) {
-        CountAvx2(xs + i0, len, s, t, nt, q + i0);
-      } else {
-        CountScalar(xs + i0, len, s, t, nt, q + i0);
-      }
+      CountLevels(xs + i0, std::min(kChunk, n - i0), lv, q + i0, isa_);
     });
   }
 
@@ -101,6 +80,35 @@ struct ThresholdQuant {
 };
 
 }  // namespace
+
+Levels GetLevels(const Ort::KernelContext& ctx, size_t scale_index, size_t thresholds_index,
+                 const char* scale_name, const char* thresholds_name) {
+  Tensor scale = GetInput(ctx, scale_index, scale_name, kF32, -1);
+  Check(scale.shape.empty() || (scale.shape.size() == 1 && scale.shape[0] == 1), scale_name,
+        " must be a scalar ([] or [1]), got ", ShapeStr(scale.shape));
+  Tensor th = GetInput(ctx, thresholds_index, thresholds_name, kF32, 1);
+  const int64_t T = th.shape[0];
+  Check(T >= 1 && T <= 255, thresholds_name, " must have 1..255 entries, got ", T);
+  Levels lv;
+  lv.scale = *scale.as<float>();
+  lv.t = th.as<float>();
+  lv.T = static_cast<int>(T);
+  for (int k = 0; k < lv.T; ++k) {
+    Check(lv.t[k] == lv.t[k] && (k == 0 || lv.t[k - 1] <= lv.t[k]), thresholds_name,
+          " must be non-decreasing and not NaN (entry ", k, ")");
+  }
+  return lv;
+}
+
+void CountLevels(const float* x, int64_t n, const Levels& lv, uint8_t* q, Isa isa) {
+  if (lv.T > 24) {
+    CountSorted(x, n, lv.scale, lv.t, lv.T, q);
+  } else if (isa != Isa::kScalar) {
+    CountAvx2(x, n, lv.scale, lv.t, lv.T, q);
+  } else {
+    CountScalar(x, n, lv.scale, lv.t, lv.T, q);
+  }
+}
 
 const OrtCustomOp* ThresholdQuantOp() {
   static const Op<ThresholdQuant> op;

@@ -13,11 +13,12 @@ import onnx
 from onnx.reference import ReferenceEvaluator
 
 from runtime.reference.op_lut_conv import LutConv
+from runtime.reference.op_lut_conv_quant import LutConvQuant
 from runtime.reference.op_lut_dequant import LutDequant
 from runtime.reference.op_lut_gemm import LutGemm
 from runtime.reference.op_threshold_quant import ThresholdQuant
 
-ALL_OPS = [ThresholdQuant, LutDequant, LutConv, LutGemm]
+ALL_OPS = [ThresholdQuant, LutDequant, LutConv, LutConvQuant, LutGemm]
 
 
 def evaluator(model_or_path: onnx.ModelProto | str | os.PathLike) -> ReferenceEvaluator:
@@ -37,6 +38,7 @@ def run_reference(
 __all__ = [
     "ALL_OPS",
     "LutConv",
+    "LutConvQuant",
     "LutDequant",
     "LutGemm",
     "ThresholdQuant",

@@ -41,6 +41,13 @@ def check_int(op: str, name: str, value: object, minimum: int) -> int:
     return int(value)
 
 
+def check_flag(op: str, name: str, value: object) -> bool:
+    """A 0 / 1 int attribute as a bool, else ValueError."""
+    if check_int(op, name, value, 0) > 1:
+        raise ValueError(f"{op}: attribute {name} must be 0 or 1, got {value}")
+    return bool(value)
+
+
 def check_ints(
     op: str, name: str, value: object, length: int | None, minimum: int
 ) -> tuple[int, ...]:

@@ -17,6 +17,7 @@ _OUTPUT_RANK = {
     "ThresholdQuant": lambda inputs, attrs: np.ndim(inputs["X"]),
     "LutDequant": lambda inputs, attrs: len(attrs.get("shape", ())),
     "LutConv": lambda inputs, attrs: 4,
+    "LutConvQuant": lambda inputs, attrs: 4,
     "LutGemm": lambda inputs, attrs: 2,
 }
 
@@ -31,9 +32,10 @@ def single_op_model(
     """A model with one ``op_name`` node; ``inputs`` (by declared name) become graph inputs,
     except those named in ``constants``, which become initializers (as in an exported model).
 
-    Missing optional inputs are left out. Graph input types follow the arrays' dtypes (so wrong
-    dtypes reach the op); output element types follow the declaration, output dims are left
-    unknown (rank only, which onnx.checker requires).
+    Missing optional inputs (absent or None) become "" (trailing ones are left out). Graph
+    input types follow the arrays' dtypes (so wrong dtypes reach the op); output element types
+    follow the declaration, output dims are left unknown (rank only, which onnx.checker
+    requires).
     """
     if op_name not in OPS_BY_NAME:
         raise ValueError(f"unknown ai.adq op {op_name!r}; known: {sorted(OPS_BY_NAME)}")

@@ -1,4 +1,5 @@
-"""LutConv: 2-D convolution of uint8 levels with codebook weights (docs/onnx-ops.md)."""
+"""LutConv: 2-D convolution of uint8 levels with codebook weights, then the per-channel affine
+epilogue, an optional Residual add and an optional Relu (docs/onnx-ops.md)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from onnx.reference.op_run import OpRun
 from runtime.reference._common import (
     check_bits,
     check_codebook,
+    check_flag,
     check_int,
     check_ints,
     check_scale_bias,
@@ -34,6 +36,69 @@ def _im2col(xp: np.ndarray, kernel, strides, dilations, out_hw) -> np.ndarray:
     return cols
 
 
+def lut_conv(
+    op: str,
+    X,
+    Codes,
+    Codebook,
+    Scale,
+    Bias,
+    Residual,
+    *,
+    bits,
+    kernel_shape,
+    strides,
+    pads,
+    dilations,
+    group,
+    relu,
+) -> np.ndarray:
+    """LutConv's output Y (float32 ``[N, M, OH, OW]``), validated; ``op`` names the caller in
+    errors (LutConvQuant computes its float tensor here too)."""
+    bits = check_bits(op, bits)
+    kh, kw = check_ints(op, "kernel_shape", kernel_shape, 2, 1)
+    strides = check_ints(op, "strides", strides, 2, 1)
+    top, left, bottom, right = check_ints(op, "pads", pads, 4, 0)
+    dilations = check_ints(op, "dilations", dilations, 2, 1)
+    group = check_int(op, "group", group, 1)
+    relu = check_flag(op, "relu", relu)
+    X = check_tensor(op, "X", X, "uint8", 4)
+    n, c, h, w = X.shape
+    if c % group:
+        raise ValueError(f"{op}: input channels {c} not divisible by group {group}")
+    g = c // group
+    codebook = check_codebook(op, Codebook, bits)
+    wt = lookup(op, Codes, codebook, bits, None, g * kh * kw)  # [M, G*kH*kW]
+    m = wt.shape[0]
+    if m % group:
+        raise ValueError(f"{op}: output channels {m} not divisible by group {group}")
+    scale, bias = check_scale_bias(op, Scale, Bias, m)
+    (sh, sw), (dh, dw) = strides, dilations
+    oh = (h + top + bottom - dh * (kh - 1) - 1) // sh + 1
+    ow = (w + left + right - dw * (kw - 1) - 1) // sw + 1
+    if oh < 1 or ow < 1:
+        raise ValueError(f"{op}: empty output spatial size {oh}x{ow}")
+    if Residual is not None:
+        Residual = check_tensor(op, "Residual", Residual, "float", 4)
+        if Residual.shape != (n, m, oh, ow):
+            raise ValueError(
+                f"{op}: Residual must have the output's shape {[n, m, oh, ow]}, "
+                f"got {list(Residual.shape)}"
+            )
+
+    xp = np.pad(X, ((0, 0), (0, 0), (top, bottom), (left, right))).astype(np.float64)
+    cols = _im2col(xp, (kh, kw), strides, dilations, (oh, ow))
+    cols = cols.reshape(n, group, g * kh * kw, oh * ow)
+    wg = wt.astype(np.float64).reshape(group, m // group, g * kh * kw)
+    acc = np.matmul(wg[None], cols).reshape(n, m, oh, ow)  # float64 accumulation
+    y = epilogue(acc, scale, bias, axis=1)
+    if Residual is not None:
+        y = y + Residual  # one float32 addition, as the unfused Add
+    if relu:
+        y = np.maximum(y, np.float32(0))  # NaN stays NaN
+    return y
+
+
 class LutConv(OpRun):
     op_domain = DOMAIN
 
@@ -44,40 +109,15 @@ class LutConv(OpRun):
         Codebook,
         Scale,
         Bias=None,
+        Residual=None,
         bits=_DEFAULTS["bits"],
         kernel_shape=_DEFAULTS["kernel_shape"],
         strides=_DEFAULTS["strides"],
         pads=_DEFAULTS["pads"],
         dilations=_DEFAULTS["dilations"],
         group=_DEFAULTS["group"],
+        relu=_DEFAULTS["relu"],
     ):
-        op = "LutConv"
-        bits = check_bits(op, bits)
-        kh, kw = check_ints(op, "kernel_shape", kernel_shape, 2, 1)
-        strides = check_ints(op, "strides", strides, 2, 1)
-        top, left, bottom, right = check_ints(op, "pads", pads, 4, 0)
-        dilations = check_ints(op, "dilations", dilations, 2, 1)
-        group = check_int(op, "group", group, 1)
-        X = check_tensor(op, "X", X, "uint8", 4)
-        n, c, h, w = X.shape
-        if c % group:
-            raise ValueError(f"{op}: input channels {c} not divisible by group {group}")
-        g = c // group
-        codebook = check_codebook(op, Codebook, bits)
-        wt = lookup(op, Codes, codebook, bits, None, g * kh * kw)  # [M, G*kH*kW]
-        m = wt.shape[0]
-        if m % group:
-            raise ValueError(f"{op}: output channels {m} not divisible by group {group}")
-        scale, bias = check_scale_bias(op, Scale, Bias, m)
-        (sh, sw), (dh, dw) = strides, dilations
-        oh = (h + top + bottom - dh * (kh - 1) - 1) // sh + 1
-        ow = (w + left + right - dw * (kw - 1) - 1) // sw + 1
-        if oh < 1 or ow < 1:
-            raise ValueError(f"{op}: empty output spatial size {oh}x{ow}")
-
-        xp = np.pad(X, ((0, 0), (0, 0), (top, bottom), (left, right))).astype(np.float64)
-        cols = _im2col(xp, (kh, kw), strides, dilations, (oh, ow))
-        cols = cols.reshape(n, group, g * kh * kw, oh * ow)
-        wg = wt.astype(np.float64).reshape(group, m // group, g * kh * kw)
-        acc = np.matmul(wg[None], cols).reshape(n, m, oh, ow)  # float64 accumulation
-        return (epilogue(acc, scale, bias, axis=1),)
+        attrs = dict(bits=bits, kernel_shape=kernel_shape, strides=strides, pads=pads)
+        attrs.update(dilations=dilations, group=group, relu=relu)
+        return (lut_conv("LutConv", X, Codes, Codebook, Scale, Bias, Residual, **attrs),)
