@@ -1,12 +1,19 @@
-"""Small ONNX graph-editing helpers shared by the folding pass and the writers."""
+"""Small ONNX graph-editing helpers shared by the folding pass and the writers, and the adq
+format's fusion of LutConv epilogues (residual Add, Relu, ThresholdQuant)."""
 
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
+
+from runtime.schema import register_onnx_schemas
+
+STANDARD_DOMAINS = ("", "ai.onnx")
+Shape = tuple[int | str, ...]  # each dim a value or a symbol (dim_param)
 
 
 def consumers(graph: onnx.GraphProto, value: str) -> list[onnx.NodeProto]:
@@ -57,6 +64,163 @@ def drop_relu_before_thresholds(graph: onnx.GraphProto, domain: str) -> int:
         graph.node.remove(relu)
         dropped += 1
     return dropped
+
+
+def _is(node: onnx.NodeProto, op_type: str, domains: tuple[str, ...]) -> bool:
+    return node.op_type == op_type and node.domain in domains
+
+
+def _int_attr(node: onnx.NodeProto, name: str, default: int) -> int:
+    values = [helper.get_attribute_value(a) for a in node.attribute if a.name == name]
+    return values[0] if values else default
+
+
+def _set_int_attr(node: onnx.NodeProto, name: str, value: int) -> None:
+    for a in [a for a in node.attribute if a.name == name]:
+        node.attribute.remove(a)
+    node.attribute.append(helper.make_attribute(name, value))
+
+
+def _set_input(node: onnx.NodeProto, k: int, name: str) -> None:
+    """Set input k of node, listing "" for absent optional inputs before it."""
+    node.input.extend([""] * (k + 1 - len(node.input)))
+    node.input[k] = name
+
+
+def _full_shape(t: onnx.TypeProto) -> Shape | None:
+    """A tensor type's shape if every dim is a value or a symbol, else None."""
+    if not t.HasField("tensor_type") or not t.tensor_type.HasField("shape"):
+        return None
+    dims: list[int | str] = []
+    for d in t.tensor_type.shape.dim:
+        if d.HasField("dim_value"):
+            dims.append(d.dim_value)
+        elif d.HasField("dim_param") and d.dim_param:
+            dims.append(d.dim_param)
+        else:
+            return None
+    return tuple(dims)
+
+
+def known_shapes(model: onnx.ModelProto) -> dict[str, Shape]:
+    """Fully known shapes of a model's values (ONNX shape inference, ai.adq ops included; the
+    model is not changed): two values with equal shapes here have equal shapes at run time."""
+    register_onnx_schemas()
+    graph = onnx.shape_inference.infer_shapes(model, strict_mode=False).graph
+    shapes: dict[str, Shape] = {i.name: tuple(i.dims) for i in graph.initializer}
+    for v in [*graph.input, *graph.value_info, *graph.output]:
+        shape = _full_shape(v.type)
+        if shape is not None:
+            shapes[v.name] = shape
+    return shapes
+
+
+def _residual_of(add: onnx.NodeProto, y: str, shapes: dict[str, Shape]) -> str | None:
+    """The other operand of ``Add(y, r)`` (either order) if r provably has y's shape."""
+    if not _is(add, "Add", STANDARD_DOMAINS) or len(add.input) != 2 or len(add.output) != 1:
+        return None
+    others = [i for i in add.input if i != y]
+    if len(others) != 1 or y not in shapes:
+        return None
+    return others[0] if shapes.get(others[0]) == shapes[y] else None
+
+
+def _sole_reader(graph: onnx.GraphProto, value: str, outputs: set[str]) -> onnx.NodeProto | None:
+    """The only node that reads ``value``, when it is not also a graph output."""
+    readers = consumers(graph, value)
+    return readers[0] if len(readers) == 1 and value not in outputs else None
+
+
+def fuse_residual_relu(model: onnx.ModelProto, domain: str) -> tuple[int, int]:
+    """Fold ``LutConv -> Add(y, r) [-> Relu]`` into LutConv(Residual=r[, relu=1]) and
+    ``LutConv -> Relu`` into LutConv(relu=1), where the LutConv output (and the Add output when
+    a Relu follows) has no other reader and r provably has the output's shape (the op does not
+    broadcast). The same float32 operations, one node. Returns (Adds, Relus) fused."""
+    graph = model.graph
+    shapes = known_shapes(model)
+    outputs = {o.name for o in graph.output}
+    adds = relus = 0
+    for lut in [n for n in graph.node if _is(n, "LutConv", (domain,))]:
+        if _int_attr(lut, "relu", 0):
+            continue
+        reader = _sole_reader(graph, lut.output[0], outputs)
+        residual = None if reader is None else _residual_of(reader, lut.output[0], shapes)
+        if residual is not None and not (len(lut.input) > 5 and lut.input[5]):
+            _set_input(lut, 5, residual)
+            lut.output[0] = reader.output[0]
+            graph.node.remove(reader)
+            adds += 1
+            reader = _sole_reader(graph, lut.output[0], outputs)
+        if reader is not None and _is(reader, "Relu", STANDARD_DOMAINS):
+            _set_int_attr(lut, "relu", 1)
+            lut.output[0] = reader.output[0]
+            graph.node.remove(reader)
+            relus += 1
+    topological_sort(graph)
+    return adds, relus
+
+
+def _quantizes(node: onnx.NodeProto, y: str, domain: str) -> bool:
+    """Whether node is an ai.adq ThresholdQuant of y (y as its X only)."""
+    return (
+        _is(node, "ThresholdQuant", (domain,))
+        and len(node.input) == 3
+        and node.input[0] == y
+        and y not in node.input[1:]
+    )
+
+
+def fuse_threshold_quant(graph: onnx.GraphProto, domain: str) -> int:
+    """Turn each ``LutConv -> ThresholdQuant`` into one LutConvQuant (QScale, QThresholds = the
+    ThresholdQuant's Scale, Thresholds) where the LutConv output is no graph output and is read
+    only by ThresholdQuant nodes that all have the same Scale and Thresholds (their readers are
+    rewired to one of them). Returns how many."""
+    outputs = {o.name for o in graph.output}
+    fused = 0
+    for lut in [n for n in graph.node if _is(n, "LutConv", (domain,))]:
+        y = lut.output[0]
+        tqs = consumers(graph, y)
+        if y in outputs or not tqs or not all(_quantizes(t, y, domain) for t in tqs):
+            continue
+        if len({tuple(t.input[1:]) for t in tqs}) != 1:
+            continue
+        levels = [t.output[0] for t in tqs]
+        public = [q for q in levels if q in outputs]
+        if len(public) > 1:
+            continue
+        q = public[0] if public else levels[0]
+        for node in graph.node:
+            for k, name in enumerate(node.input):
+                if name in levels:
+                    node.input[k] = q
+        qscale, qthresholds = tqs[0].input[1:]
+        for t in tqs:
+            graph.node.remove(t)
+        lut.op_type = "LutConvQuant"
+        _set_input(lut, 6, qscale)
+        _set_input(lut, 7, qthresholds)
+        lut.output[0] = q
+        fused += 1
+    topological_sort(graph)
+    return fused
+
+
+@dataclass(frozen=True)
+class Fusions:
+    """How many nodes the adq fusion pass folded into LutConv / LutConvQuant."""
+
+    residual_adds: int
+    relus: int
+    threshold_quants: int
+
+
+def fuse_lut_conv(model: onnx.ModelProto, domain: str) -> Fusions:
+    """The adq format's fusion pass: residual Adds and Relus into LutConv, then each
+    ``LutConv -> ThresholdQuant`` into LutConvQuant; dead nodes removed, order kept valid."""
+    adds, relus = fuse_residual_relu(model, domain)
+    quants = fuse_threshold_quant(model.graph, domain)
+    remove_unused(model.graph)
+    return Fusions(adds, relus, quants)
 
 
 def remove_unused(graph: onnx.GraphProto) -> None:

@@ -3,7 +3,11 @@
 Layer with a quantized input:  ThresholdQuant(x) -> uint8 levels -> LutConv / LutGemm.
 Layer with a float input (a W8 first layer): LutDequant -> Conv / Gemm -> Mul / Add.
 A Relu read only by ThresholdQuant nodes (positive scale and thresholds) is dropped: it cannot
-change their levels.
+change their levels. Then what follows a LutConv is fused into it (exporters.graph.fuse_lut_conv):
+a residual Add whose other operand provably has the output's shape (LutConv's Residual input)
+and a Relu (relu=1), when nothing else reads the intermediate values; and a ThresholdQuant that
+is the only reader of a LutConv output makes the two one LutConvQuant (the next layer's uint8
+levels, no float tensor in between). The fused ops compute the same float32 operations.
 
 With ``int_codebooks`` every codebook is snapped as the int8 format snaps it (C ~ s_w * c,
 integers c) and stored as the integers c, s_w folded into the layer's scale: the same codes and
@@ -12,6 +16,7 @@ file size, and LutConv runs its exact int8 x uint8 kernel (AVX-512 VNNI) on such
 
 from __future__ import annotations
 
+import logging
 from functools import partial
 
 import numpy as np
@@ -21,12 +26,13 @@ from onnx import helper
 from runtime.packing import pack_rows
 
 from .fold import FoldedLayer, FoldedModel
-from .graph import drop_relu_before_thresholds
+from .graph import drop_relu_before_thresholds, fuse_lut_conv
 from .skeleton import DOMAIN
 from .write_int8 import snapped, snapping_report
 from .writer import affine_nodes, init, replace_placeholders, set_metadata, set_opsets
 
 OPSET = 20
+log = logging.getLogger(__name__)
 
 
 def threshold_node(
@@ -102,7 +108,9 @@ def write_adq(folded: FoldedModel, int_codebooks: bool = False) -> onnx.ModelPro
     """The adq-format model of a folded checkpoint (see the module docstring for int_codebooks)."""
     model = replace_placeholders(folded, partial(emit_adq, int_codebooks=int_codebooks))
     drop_relu_before_thresholds(model.graph, DOMAIN)
-    set_opsets(model, OPSET, adq_domain=True)
+    set_opsets(model, OPSET, adq_domain=True)  # shape inference in the fusion reads the opsets
+    fused = fuse_lut_conv(model, DOMAIN)
+    log.debug("adq fusion: %s", fused)
     extra: dict = {"code_packing": "row-aligned, LSB-first bit stream"}
     if int_codebooks:
         extra.update(int_codebooks="true", snapping=snapping_report(folded))

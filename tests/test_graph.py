@@ -1,6 +1,9 @@
-"""exporters.graph: the Relu that cannot change ThresholdQuant levels is dropped, others kept."""
+"""exporters.graph: the Relu that cannot change ThresholdQuant levels is dropped, others kept;
+the LutConv fusion pass fuses what it can prove equal and nothing else."""
 
 from __future__ import annotations
+
+import copy
 
 import numpy as np
 import onnx
@@ -8,9 +11,10 @@ import onnx.helper as oh
 import pytest
 from onnx import TensorProto, numpy_helper
 
-from exporters.graph import drop_relu_before_thresholds
+from exporters.graph import Fusions, drop_relu_before_thresholds, fuse_lut_conv, known_shapes
+from runtime.packing import pack_rows
 from runtime.reference import run_reference
-from runtime.schema import DOMAIN, VERSION
+from runtime.schema import DOMAIN, VERSION, register_onnx_schemas
 
 
 def relu_then_thresholds(scale: float, thresholds: list[float], extra_reader: bool = False):
@@ -56,3 +60,250 @@ def test_keeps_relu_that_matters(scale, thresholds, extra):
     assert drop_relu_before_thresholds(model.graph, DOMAIN) == 0
     assert "Relu" in [n.op_type for n in model.graph.node]
     onnx.checker.check_model(model)
+
+
+# ----------------------------------------------------------------------------- LutConv fusion
+
+N, C, H, M = "N", 4, 5, 3  # LutConv: X [N, 4, 5, 5] -> Y [N, 3, 5, 5] (3x3, pads 1)
+Y_SHAPE = [N, M, H, H]
+
+
+def lut_conv_model(tail, extra_inputs=(), outputs=(("out", TensorProto.FLOAT, Y_SHAPE),)):
+    """x -> LutConv -> y, then the `tail` nodes; `extra_inputs` are (name, shape) float inputs,
+    `outputs` (name, elem type, shape) the graph outputs. Constants: Codes, Codebook, Scale,
+    Bias, and ThresholdQuant parameters s, t (and t2, other thresholds)."""
+    rng = np.random.default_rng(0)
+    codes = rng.integers(0, 4, size=(M, C, 3, 3))
+    inits = {
+        "codes": pack_rows(codes, 2),
+        "book": np.array([-1.5, -0.5, 0.5, 1.5], np.float32),
+        "scale": rng.uniform(0.05, 0.1, M).astype(np.float32),
+        "bias": rng.standard_normal(M).astype(np.float32),
+        "s": np.array([1.0], np.float32),
+        "t": np.array([-0.5, 0.0, 0.5, 1.0], np.float32),
+        "t2": np.array([0.25], np.float32),
+    }
+    conv = oh.make_node(
+        "LutConv",
+        ["x", "codes", "book", "scale", "bias"],
+        ["y"],
+        domain=DOMAIN,
+        bits=2,
+        kernel_shape=[3, 3],
+        pads=[1, 1, 1, 1],
+    )
+    inputs = [oh.make_tensor_value_info("x", TensorProto.UINT8, [N, C, H, H])]
+    inputs += [oh.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in extra_inputs]
+    if any("shape" in n.input for n in tail):
+        inputs.append(oh.make_tensor_value_info("shape", TensorProto.INT64, [4]))
+    graph = oh.make_graph(
+        [conv, *tail],
+        "g",
+        inputs,
+        [oh.make_tensor_value_info(*o) for o in outputs],
+        [numpy_helper.from_array(v, k) for k, v in inits.items()],
+    )
+    opsets = [oh.make_opsetid("", 20), oh.make_opsetid(DOMAIN, VERSION)]
+    return oh.make_model(graph, opset_imports=opsets)
+
+
+def feeds(model, batch=2):
+    """Random inputs of a lut_conv_model (negative values included, so a Relu matters): a
+    declared dim that is not a value takes Y's run-time size at its position; the input 'shape'
+    of a Reshape is Y's run-time shape."""
+    rng = np.random.default_rng(1)
+    y_shape = (batch, M, H, H)
+    out = {"x": rng.integers(0, 8, size=(batch, C, H, H)).astype(np.uint8)}
+    for v in model.graph.input[1:]:
+        if v.name == "shape":
+            out[v.name] = np.array(y_shape, np.int64)
+            continue
+        dims = [d.dim_value for d in v.type.tensor_type.shape.dim]
+        if len(dims) == 4:
+            dims = [d or y for d, y in zip(dims, y_shape, strict=True)]
+        else:
+            dims = [int(np.prod(y_shape))]
+        out[v.name] = rng.standard_normal(dims).astype(np.float32) * 2
+    return out
+
+
+def fused(model):
+    """(fusions, fused copy, outputs before, outputs after) of fuse_lut_conv on a copy."""
+    after = copy.deepcopy(model)
+    counts = fuse_lut_conv(after, DOMAIN)
+    register_onnx_schemas()
+    onnx.checker.check_model(after, full_check=True)
+    x = feeds(model)
+    return counts, after, run_reference(model, x), run_reference(after, x)
+
+
+def assert_same(before, after):
+    for b, a in zip(before, after, strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        np.testing.assert_array_equal(a, b)
+
+
+def ops(model):
+    return [n.op_type for n in model.graph.node]
+
+
+@pytest.mark.parametrize("swap", [False, True])
+def test_fuses_residual_add_and_relu(swap):
+    """The ResNet block end: LutConv -> Add(y, r) -> Relu is one LutConv(Residual=r, relu=1)."""
+    add = oh.make_node("Add", ["r", "y"] if swap else ["y", "r"], ["z"])
+    model = lut_conv_model([add, oh.make_node("Relu", ["z"], ["out"])], [("r", Y_SHAPE)])
+    counts, after, before, now = fused(model)
+    assert counts == Fusions(residual_adds=1, relus=1, threshold_quants=0)
+    (node,) = after.graph.node
+    assert node.op_type == "LutConv" and list(node.input) == [
+        "x",
+        "codes",
+        "book",
+        "scale",
+        "bias",
+        "r",
+    ]
+    assert list(node.output) == ["out"]
+    assert {a.name: oh.get_attribute_value(a) for a in node.attribute}["relu"] == 1
+    assert_same(before, now)
+    assert (before[0] == 0).any() and (before[0] > 0).any()  # the Relu clipped something
+
+
+def test_fuses_relu_alone_and_add_alone():
+    model = lut_conv_model([oh.make_node("Relu", ["y"], ["out"])])
+    counts, after, before, now = fused(model)
+    assert counts == Fusions(0, 1, 0) and ops(after) == ["LutConv"]
+    assert_same(before, now)
+
+    model = lut_conv_model([oh.make_node("Add", ["y", "r"], ["out"])], [("r", Y_SHAPE)])
+    counts, after, before, now = fused(model)
+    assert counts == Fusions(1, 0, 0) and ops(after) == ["LutConv"]
+    assert not [a for a in after.graph.node[0].attribute if a.name == "relu"]
+    assert_same(before, now)
+
+
+def test_fuses_threshold_quant_after_the_epilogue():
+    """Add + Relu + ThresholdQuant after a LutConv: one LutConvQuant with all 8 inputs."""
+    tail = [
+        oh.make_node("Add", ["y", "r"], ["z"]),
+        oh.make_node("Relu", ["z"], ["a"]),
+        oh.make_node("ThresholdQuant", ["a", "s", "t"], ["q"], domain=DOMAIN),
+    ]
+    outputs = [("q", TensorProto.UINT8, Y_SHAPE)]
+    model = lut_conv_model(tail, [("r", Y_SHAPE)], outputs)
+    counts, after, before, now = fused(model)
+    assert counts == Fusions(1, 1, 1)
+    (node,) = after.graph.node
+    assert node.op_type == "LutConvQuant" and list(node.output) == ["q"]
+    assert list(node.input) == ["x", "codes", "book", "scale", "bias", "r", "s", "t"]
+    assert_same(before, now)
+    assert len(np.unique(before[0])) >= 3
+
+
+def test_lut_conv_quant_without_bias_lists_empty_inputs():
+    model = lut_conv_model(
+        [oh.make_node("ThresholdQuant", ["y", "s", "t"], ["q"], domain=DOMAIN)],
+        outputs=[("q", TensorProto.UINT8, Y_SHAPE)],
+    )
+    del model.graph.node[0].input[4]  # no Bias
+    counts, after, before, now = fused(model)
+    assert counts == Fusions(0, 0, 1)
+    assert list(after.graph.node[0].input) == ["x", "codes", "book", "scale", "", "", "s", "t"]
+    assert_same(before, now)
+
+
+def test_identical_threshold_quants_become_one():
+    """Two ThresholdQuant nodes with the same inputs: one LutConvQuant, readers rewired."""
+    tail = [
+        oh.make_node("ThresholdQuant", ["y", "s", "t"], ["q1"], domain=DOMAIN),
+        oh.make_node("ThresholdQuant", ["y", "s", "t"], ["q2"], domain=DOMAIN),
+        oh.make_node("Cast", ["q1"], ["o1"], to=TensorProto.FLOAT),
+        oh.make_node("Cast", ["q2"], ["o2"], to=TensorProto.FLOAT),
+    ]
+    outs = [("o1", TensorProto.FLOAT, Y_SHAPE), ("o2", TensorProto.FLOAT, Y_SHAPE)]
+    counts, after, before, now = fused(lut_conv_model(tail, outputs=outs))
+    assert counts == Fusions(0, 0, 1)
+    assert sorted(ops(after)) == ["Cast", "Cast", "LutConvQuant"]
+    assert [n.input[0] for n in after.graph.node if n.op_type == "Cast"] == ["q1", "q1"]
+    assert_same(before, now)
+
+
+REFUSED = {
+    # y has a second reader
+    "second reader": (
+        [oh.make_node("Relu", ["y"], ["out"]), oh.make_node("Neg", ["y"], ["n"])],
+        [],
+        [("out", TensorProto.FLOAT, Y_SHAPE), ("n", TensorProto.FLOAT, Y_SHAPE)],
+    ),
+    # y is a graph output
+    "graph output": (
+        [oh.make_node("Relu", ["y"], ["out"])],
+        [],
+        [("out", TensorProto.FLOAT, Y_SHAPE), ("y", TensorProto.FLOAT, Y_SHAPE)],
+    ),
+    # the other operand broadcasts (per-channel), has another batch symbol, or unknown dims
+    "broadcast": ([oh.make_node("Add", ["y", "r"], ["out"])], [("r", [1, M, 1, 1])], None),
+    "other symbol": ([oh.make_node("Add", ["y", "r"], ["out"])], [("r", ["B", M, H, H])], None),
+    "unknown dims": ([oh.make_node("Add", ["r", "y"], ["out"])], [("r", [N, M, None, H])], None),
+    "computed shape": (  # r's dims are unknown to shape inference (it makes up symbols)
+        [
+            oh.make_node("Reshape", ["flat", "shape"], ["r"]),
+            oh.make_node("Add", ["y", "r"], ["out"]),
+        ],
+        [("flat", [None])],
+        None,
+    ),
+    "Add(y, y)": ([oh.make_node("Add", ["y", "y"], ["out"])], [], None),
+    # ThresholdQuant readers with different thresholds
+    "two quantizers": (
+        [
+            oh.make_node("ThresholdQuant", ["y", "s", "t"], ["q1"], domain=DOMAIN),
+            oh.make_node("ThresholdQuant", ["y", "s", "t2"], ["q2"], domain=DOMAIN),
+        ],
+        [],
+        [("q1", TensorProto.UINT8, Y_SHAPE), ("q2", TensorProto.UINT8, Y_SHAPE)],
+    ),
+    # a ThresholdQuant beside another reader
+    "quantizer and Neg": (
+        [
+            oh.make_node("ThresholdQuant", ["y", "s", "t"], ["q"], domain=DOMAIN),
+            oh.make_node("Neg", ["y"], ["n"]),
+        ],
+        [],
+        [("q", TensorProto.UINT8, Y_SHAPE), ("n", TensorProto.FLOAT, Y_SHAPE)],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", REFUSED)
+def test_refuses_unsafe_fusions(case):
+    tail, extra, outputs = REFUSED[case]
+    model = lut_conv_model(tail, extra, outputs or (("out", TensorProto.FLOAT, Y_SHAPE),))
+    counts, after, before, now = fused(model)
+    assert counts == Fusions(0, 0, 0)
+    assert ops(after) == ops(model)
+    assert_same(before, now)
+
+
+def test_add_fused_but_not_a_relu_with_another_reader():
+    tail = [
+        oh.make_node("Add", ["y", "r"], ["z"]),
+        oh.make_node("Relu", ["z"], ["out"]),
+        oh.make_node("Neg", ["z"], ["n"]),
+    ]
+    outputs = [("out", TensorProto.FLOAT, Y_SHAPE), ("n", TensorProto.FLOAT, Y_SHAPE)]
+    counts, after, before, now = fused(lut_conv_model(tail, [("r", Y_SHAPE)], outputs))
+    assert counts == Fusions(1, 0, 0)
+    assert ops(after) == ["LutConv", "Relu", "Neg"] and after.graph.node[0].output[0] == "z"
+    assert_same(before, now)
+
+
+def test_known_shapes_see_through_adq_ops():
+    """Shape inference with the ai.adq schemas: every value of the graph has a full shape."""
+    tail = [
+        oh.make_node("Relu", ["y"], ["a"]),
+        oh.make_node("ThresholdQuant", ["a", "s", "t"], ["q"], domain=DOMAIN),
+    ]
+    shapes = known_shapes(lut_conv_model(tail, outputs=[("q", TensorProto.UINT8, [None] * 4)]))
+    assert shapes["y"] == shapes["a"] == shapes["q"] == (N, M, H, H)
+    assert shapes["codes"] == (M, 9)

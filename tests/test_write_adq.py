@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -20,12 +21,14 @@ from export_helpers import (
 )
 from onnx import TensorProto
 
+from exporters import write_adq as write_adq_module
 from exporters.export import build_model
+from exporters.graph import Fusions, fuse_lut_conv, known_shapes
 from exporters.write_adq import write_adq
 from runtime.packing import pack_rows, unpack_rows
 from runtime.schema import DOMAIN, register_onnx_schemas
 
-ADQ_OPS = {"ThresholdQuant", "LutConv", "LutGemm", "LutDequant"}
+ADQ_OPS = {"ThresholdQuant", "LutConv", "LutConvQuant", "LutGemm", "LutDequant"}
 
 
 @pytest.mark.parametrize("name", MODEL_CASES)
@@ -90,11 +93,13 @@ def test_graph_uses_the_adq_op_set(name):
     assert {n.op_type for n in custom} <= ADQ_OPS
     assert all(n.domain in ("", DOMAIN) for n in model.graph.node)
     assert not [n for n in model.graph.node if n.op_type == "QuantLayer"]
-    # one LutConv / LutGemm per layer with a quantized input, LutDequant for the others
+    # one LutConv / LutConvQuant / LutGemm per layer with a quantized input, LutDequant for the
+    # others; one ThresholdQuant per quantized input, unless fused into the LutConvQuant before
     with_act = sum(lay.act is not None for lay in folded.layers.values())
-    lut = [n for n in custom if n.op_type in ("LutConv", "LutGemm")]
+    lut = [n for n in custom if n.op_type in ("LutConv", "LutConvQuant", "LutGemm")]
     assert len(lut) == with_act
-    assert len([n for n in custom if n.op_type == "ThresholdQuant"]) == with_act
+    fused = len([n for n in custom if n.op_type == "LutConvQuant"])
+    assert len([n for n in custom if n.op_type == "ThresholdQuant"]) == with_act - fused
     assert len([n for n in custom if n.op_type == "LutDequant"]) == len(folded.layers) - with_act
     # no Relu is left whose only readers are ThresholdQuant nodes (they are dropped)
     for relu in (n for n in model.graph.node if n.op_type == "Relu"):
@@ -147,3 +152,58 @@ def test_int_codebooks_only_for_adq():
     _, folded = loaded("test_model")
     with pytest.raises(ValueError, match="adq format only"):
         build_model(folded, "standard", None, int_codebooks=True)
+
+
+def unfused_model(name, monkeypatch, int_codebooks=False):
+    """write_adq without the LutConv fusion pass."""
+    _, folded = loaded(name)
+    with monkeypatch.context() as m:
+        m.setattr(write_adq_module, "fuse_lut_conv", lambda model, domain: None)
+        return write_adq(folded, int_codebooks)
+
+
+# What the fusion pass folds (residual Adds, Relus, ThresholdQuants), from the architectures:
+# resnet18: each block's Add, the 5 block-output Relus not dropped, conv1 -> conv2's quantizer;
+# resnet20: the 7 blocks whose shortcut is no Pad (zero padding: shape unknown to inference);
+# small_cnn: its convs are read by quantizers only; test_model: see ExportTestNet.forward.
+FUSIONS = {
+    "resnet18": Fusions(8, 5, 8),
+    "resnet20": Fusions(7, 7, 9),
+    "small_cnn": Fusions(0, 1, 3),
+    "test_model": Fusions(1, 3, 2),
+}
+
+
+@pytest.mark.parametrize("name", MODEL_CASES)
+def test_fusion_pass_leaves_nothing_fusable(name, monkeypatch):
+    """The export fuses what the architecture allows; the pass finds nothing more in it."""
+    unfused = unfused_model(name, monkeypatch)
+    shapes = known_shapes(unfused)  # shape inference sees through every node, ai.adq included
+    assert all(o in shapes for n in unfused.graph.node for o in n.output)
+    assert fuse_lut_conv(unfused, DOMAIN) == FUSIONS[name]
+    model = copy.deepcopy(onnx_model(name, "adq"))
+    assert fuse_lut_conv(model, DOMAIN) == Fusions(0, 0, 0)
+    nodes = model.graph.node
+    fused = [n for n in nodes if n.op_type.startswith("LutConv") and len(n.input) > 5]
+    assert len([n for n in fused if n.input[5]]) == FUSIONS[name].residual_adds
+    producer = {o: n.op_type for n in nodes for o in n.output}
+    after_lut = [n for n in nodes if n.input and producer.get(n.input[0], "").startswith("Lut")]
+    if name == "resnet20":  # the Adds left are the zero-padding shortcuts'
+        assert {producer[i] for n in nodes if n.op_type == "Add" for i in n.input} == {
+            "LutConv",
+            "Pad",
+        }
+    if name == "resnet18":
+        assert not [n for n in after_lut if n.op_type in ("Add", "Relu")]
+
+
+@pytest.mark.parametrize(
+    "name, int_codebooks", [(n, False) for n in MODEL_CASES] + [("resnet20", True)]
+)
+def test_fused_graph_computes_the_unfused_logits(name, int_codebooks, monkeypatch):
+    """The reference evaluator gives the fused and the unfused export the same logits."""
+    x = case_input(name, batch=3, seed=4)
+    fused = run_onnx(onnx_model(name, "adq", int_codebooks=int_codebooks), x)
+    plain = run_onnx(unfused_model(name, monkeypatch, int_codebooks), x)
+    np.testing.assert_allclose(fused, plain, rtol=1e-5, atol=1e-5 * np.abs(plain).max())
+    np.testing.assert_array_equal(fused.argmax(1), plain.argmax(1))
