@@ -386,6 +386,24 @@ def test_lut_conv_quant_on_wide_strided_rows(so2):
     check_levels(so2, cases, constants=("Codes", "Codebook"))
 
 
+def test_lut_conv_batch_in_chunks_matches_reference(so2):
+    """Batches whose phase planes exceed the kernel's per-chunk budget (512 KB) run in chunks of
+    images: 64 channels of 40 x 40 take 4 images per chunk, so 9 images make 3 chunks."""
+    rng = np.random.default_rng(26)
+    for integer in (True, False):
+        packed, codebook = _codes(rng, 3, 40, 64 * 9, integer=integer)
+        scale, bias = _affine(rng, 40)
+        inputs = {"X": _levels(rng, (9, 64, 40, 40)), "Codes": packed, "Codebook": codebook}
+        inputs.update(Scale=scale, Bias=bias)
+        attrs = {"bits": 3, "kernel_shape": [3, 3], "pads": [1, 1, 1, 1], "relu": 1}
+        z = run_single("LutConv", inputs, attrs)
+        inputs["Residual"] = rng.normal(size=z.shape).astype(np.float32)
+        check_cases(so2, "LutConv", [(inputs, attrs)], constants=("Codes", "Codebook"))
+        thr = _thresholds_between(rng, run_single("LutConv", inputs, attrs))
+        quant = {**inputs, "QScale": np.array(1.0, np.float32), "QThresholds": thr}
+        check_levels(so2, [(quant, attrs)], constants=("Codes", "Codebook"))
+
+
 def test_lut_conv_constant_codes_run_twice(so2):
     """The cached repacking gives the same result on later runs and other inputs."""
     (inputs, attrs), (other, _) = conv_cases(seed=6, count=2)

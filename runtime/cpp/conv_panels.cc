@@ -20,6 +20,7 @@ constexpr int kMaxQInt = 8;   // outputs per int8 micro-tile: measured faster th
 constexpr int kMaxQAvx2 = 5;  // outputs per AVX2 micro-tile (16 channels: 2 x 5 accumulators)
 constexpr int64_t kChunkQ = 16 * kMaxQ;  // flat outputs per task
 constexpr int64_t kChunkK = 128;         // k-steps summed in registers before adding up
+constexpr int64_t kPlaneBudget = 1 << 17;  // phase-plane elements per batch chunk (512 KB)
 
 struct TileArgs {
   const void* w;           // the panel's weights: code words (float path) or int8 (integer)
@@ -472,10 +473,13 @@ void Conv(const Ort::KernelContext& ctx, const ConvShape& s, const uint8_t* x, c
     }
   }
 
-  // Phase planes of every (n, channel) or (n, channel quad); only phases some tap reads.
+  // Phase planes of every (n, channel) or (n, channel quad); only phases some tap reads. The
+  // batch runs in chunks of images whose planes fit in about kPlaneBudget elements (4 bytes
+  // each), so that the planes are still in cache when the tiles read them.
   const int64_t groups = integer ? (s.C + 3) / 4 : s.C;
-  const int64_t NG = CheckedMul(s.N, groups, "input planes");
-  const int64_t plane_elems = CheckedMul(NG, cstride, "phase planes");
+  const int64_t per_image = CheckedMul(groups, cstride, "phase planes");
+  const int64_t nchunk = std::clamp<int64_t>(kPlaneBudget / std::max<int64_t>(per_image, 1), 1, s.N);
+  const int64_t plane_elems = CheckedMul(nchunk, per_image, "phase planes");
   float* fplanes = nullptr;
   uint8_t* qplanes = nullptr;
   if (integer) {
@@ -483,6 +487,7 @@ void Conv(const Ort::KernelContext& ctx, const ConvShape& s, const uint8_t* x, c
   } else {
     fplanes = ThreadScratch<kConvInput>(plane_elems + kLanes);
   }
+  int64_t n0 = 0;  // the chunk's first image: t below counts (image - n0, group)
   // Per column phase pw: the phase columns [lo, hi) whose input column b*sW + pw - pL is in
   // [0, W); the others are padding.
   std::vector<int64_t> lo(static_cast<size_t>(s.sW)), hi(static_cast<size_t>(s.sW));
@@ -495,7 +500,7 @@ void Conv(const Ort::KernelContext& ctx, const ConvShape& s, const uint8_t* x, c
   // Integer path: each input row's 4 channels are interleaved once into cells, then every
   // column phase copies its cells out (a 4-byte copy per cell).
   auto convert_quads = [&](size_t t) {
-    const int64_t n = static_cast<int64_t>(t) / groups, g = static_cast<int64_t>(t) % groups;
+    const int64_t n = n0 + static_cast<int64_t>(t) / groups, g = static_cast<int64_t>(t) % groups;
     auto* cells = reinterpret_cast<uint8_t*>(ThreadScratch<kConvPhaseRows>(s.W));
     for (int64_t ph = 0; ph < s.sH; ++ph) {
       if (std::find(&used[ph * s.sW], &used[ph * s.sW] + s.sW, 1) == &used[ph * s.sW] + s.sW) {
@@ -530,7 +535,7 @@ void Conv(const Ort::KernelContext& ctx, const ConvShape& s, const uint8_t* x, c
     }
   };
   auto convert_floats = [&](size_t t) {
-    const int64_t n = static_cast<int64_t>(t) / groups, g = static_cast<int64_t>(t) % groups;
+    const int64_t n = n0 + static_cast<int64_t>(t) / groups, g = static_cast<int64_t>(t) % groups;
     for (int64_t ph = 0; ph < s.sH; ++ph) {
       for (int64_t pw = 0; pw < s.sW; ++pw) {
         if (!used[ph * s.sW + pw]) continue;
@@ -559,12 +564,6 @@ void Conv(const Ort::KernelContext& ctx, const ConvShape& s, const uint8_t* x, c
     }
   };
   auto convert = [&](size_t t) { integer ? convert_quads(t) : convert_floats(t); };
-  // Small inputs are converted on the calling thread: waking the pool costs more than it saves.
-  if (plane_elems < (int64_t{1} << 16)) {
-    for (int64_t t = 0; t < NG; ++t) convert(static_cast<size_t>(t));
-  } else {
-    ParallelFor(ctx, static_cast<size_t>(NG), convert);
-  }
 
   // Scales and biases padded to whole panels.
   const int64_t blocks = (s.M + kLanes - 1) / kLanes, npanels = (blocks + 1) / 2;
@@ -590,15 +589,15 @@ void Conv(const Ort::KernelContext& ctx, const ConvShape& s, const uint8_t* x, c
   };
   const std::vector<int64_t> starts2 = split(qmax2), starts1 = split(qmax1);
   // Rows per task: up to about kChunkQ outputs, fewer when that leaves too few tasks to share.
-  const int64_t row_tasks = CheckedMul(s.N * s.OH, npanels, "tasks");
+  const int64_t row_tasks = CheckedMul(nchunk * s.OH, npanels, "tasks");
   const int64_t rows_per_task = std::max<int64_t>(
       1, std::min<int64_t>(kChunkQ / s.OW, row_tasks / (2 * static_cast<int64_t>(TaskHint()))));
   const int64_t rchunks = (s.OH + rows_per_task - 1) / rows_per_task;
-  const int64_t tasks = CheckedMul(CheckedMul(s.N, rchunks, "tasks"), npanels, "tasks");
-  ParallelFor(ctx, static_cast<size_t>(tasks), [&](size_t task) {
+  const StoreFn store = ChooseStore(f);
+  auto tile_task = [&](size_t task) {
     const int64_t p = static_cast<int64_t>(task) % npanels;
     const int64_t rest = static_cast<int64_t>(task) / npanels;
-    const int64_t rc = rest % rchunks, n = rest / rchunks;
+    const int64_t rc = rest % rchunks, n = n0 + rest / rchunks;
     const int64_t nb = std::min<int64_t>(2, blocks - 2 * p);
     const int64_t m0 = p * 2 * kLanes, mcount = std::min<int64_t>(nb * kLanes, s.M - m0);
     alignas(64) float tile[kMaxQ1 * 2 * kLanes];
@@ -617,7 +616,7 @@ void Conv(const Ort::KernelContext& ctx, const ConvShape& s, const uint8_t* x, c
     a.scale = sb.data() + p * 4 * kLanes;
     a.bias = a.scale + 2 * kLanes;
     a.out = tile;
-    const int64_t image = n * groups * cstride;
+    const int64_t image = (n - n0) * per_image;
     const int64_t base = (n * s.M + m0) * P;  // flat index of the tile column's first output
     const int64_t oh_end = std::min(s.OH, (rc + 1) * rows_per_task);
     const std::vector<int64_t>& starts = nb == 2 ? starts2 : starts1;
@@ -648,7 +647,6 @@ void Conv(const Ort::KernelContext& ctx, const ConvShape& s, const uint8_t* x, c
       }
       return;
     }
-    const StoreFn store = ChooseStore(f);
     const TileFn* tiles = integer   ? kTilesInt[nb - 1].data()
                           : nb == 2 ? kTilesFloat2.data()
                                     : kTilesFloat1.data();
@@ -664,7 +662,18 @@ void Conv(const Ort::KernelContext& ctx, const ConvShape& s, const uint8_t* x, c
         store(tile, nq, mcount, o, P);
       }
     }
-  });
+  };
+  for (; n0 < s.N; n0 += nchunk) {
+    const int64_t images = std::min(nchunk, s.N - n0);
+    const int64_t NG = images * groups;
+    // Small inputs are converted on the calling thread: waking the pool costs more than it saves.
+    if (images * per_image < (int64_t{1} << 16)) {
+      for (int64_t t = 0; t < NG; ++t) convert(static_cast<size_t>(t));
+    } else {
+      ParallelFor(ctx, static_cast<size_t>(NG), convert);
+    }
+    ParallelFor(ctx, static_cast<size_t>(images * rchunks * npanels), tile_task);
+  }
 }
 
 }  // namespace adq::panels
