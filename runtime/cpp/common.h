@@ -238,6 +238,7 @@ struct Levels {
   float scale = 1.0f;
   const float* t = nullptr;
   int T = 0;
+  float padded[16];  // t[0..min(T, 16)), then NaN: a register table of the thresholds
 };
 Levels GetLevels(const Ort::KernelContext& ctx, size_t scale_index, size_t thresholds_index,
                  const char* scale_name, const char* thresholds_name);

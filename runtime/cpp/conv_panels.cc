@@ -9,6 +9,7 @@
 #include <utility>
 
 #include "gemm.h"
+#include "levels.h"
 #include "packing.h"
 
 namespace adq::panels {
@@ -240,13 +241,7 @@ struct TileOut {
 // Levels #{k : scale * v >= t[k]} of the first n lanes of v, stored as bytes (NaN: 0).
 __attribute__((target("avx512f"))) inline void StoreLevels(__m512 v, const Levels& lv, int64_t n,
                                                            uint8_t* q) {
-  const __m512 sv = _mm512_mul_ps(_mm512_set1_ps(lv.scale), v);
-  const __m512i one = _mm512_set1_epi32(1);
-  __m512i c = _mm512_setzero_si512();
-  for (int k = 0; k < lv.T; ++k) {
-    const __mmask16 ge = _mm512_cmp_ps_mask(sv, _mm512_set1_ps(lv.t[k]), _CMP_GE_OQ);
-    c = _mm512_mask_add_epi32(c, ge, c, one);
-  }
+  const __m512i c = CountLevels16(v, lv);
   // A narrowing store with a byte mask is slow on some CPUs (AMD Zen): plain 16- and 8-byte
   // stores for whole and half rows of a tile (the common widths), a short copy otherwise.
   const __m128i bytes = _mm512_cvtepi32_epi8(c);

@@ -2,8 +2,10 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <limits>
 
 #include "common.h"
+#include "levels.h"
 
 namespace adq {
 namespace {
@@ -33,6 +35,17 @@ __attribute__((target("avx2"))) void CountAvx2(const float* x, int64_t n, float 
     _mm_storel_epi64(reinterpret_cast<__m128i*>(q + i), _mm_packus_epi16(w, w));
   }
   CountScalar(x + i, n - i, s, t, T, q + i);
+}
+
+// 16 values at a time (CountLevels16), the tail through CountScalar.
+__attribute__((target("avx512f"))) void CountAvx512(const float* x, int64_t n, const Levels& lv,
+                                                    uint8_t* q) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m128i bytes = _mm512_cvtepi32_epi8(CountLevels16(_mm512_loadu_ps(x + i), lv));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + i), bytes);
+  }
+  CountScalar(x + i, n - i, lv.scale, lv.t, lv.T, q + i);
 }
 
 // Binary search over the sorted, NaN-free thresholds: #{k : t[k] <= v}; NaN v gives 0.
@@ -97,11 +110,16 @@ Levels GetLevels(const Ort::KernelContext& ctx, size_t scale_index, size_t thres
     Check(lv.t[k] == lv.t[k] && (k == 0 || lv.t[k - 1] <= lv.t[k]), thresholds_name,
           " must be non-decreasing and not NaN (entry ", k, ")");
   }
+  for (int k = 0; k < 16; ++k) {
+    lv.padded[k] = k < lv.T ? lv.t[k] : std::numeric_limits<float>::quiet_NaN();
+  }
   return lv;
 }
 
 void CountLevels(const float* x, int64_t n, const Levels& lv, uint8_t* q, Isa isa) {
-  if (lv.T > 24) {
+  if (isa == Isa::kAvx512 && lv.T <= 15) {
+    CountAvx512(x, n, lv, q);
+  } else if (lv.T > 24) {
     CountSorted(x, n, lv.scale, lv.t, lv.T, q);
   } else if (isa != Isa::kScalar) {
     CountAvx2(x, n, lv.scale, lv.t, lv.T, q);
