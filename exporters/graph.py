@@ -1,5 +1,6 @@
 """Small ONNX graph-editing helpers shared by the folding pass and the writers, and the adq
-format's fusion of LutConv epilogues (residual Add, Relu, ThresholdQuant)."""
+format's fusion of LutConv epilogues (residual Add, Relu, ThresholdQuant: LutConvQuant or
+LutConv's levels output Q)."""
 
 from __future__ import annotations
 
@@ -141,7 +142,7 @@ def fuse_residual_relu(model: onnx.ModelProto, domain: str) -> tuple[int, int]:
     outputs = {o.name for o in graph.output}
     adds = relus = 0
     for lut in [n for n in graph.node if _is(n, "LutConv", (domain,))]:
-        if _int_attr(lut, "relu", 0):
+        if _int_attr(lut, "relu", 0) or _has_levels(lut):  # Q is the levels of Y as it is
             continue
         reader = _sole_reader(graph, lut.output[0], outputs)
         residual = None if reader is None else _residual_of(reader, lut.output[0], shapes)
@@ -170,6 +171,58 @@ def _quantizes(node: onnx.NodeProto, y: str, domain: str) -> bool:
     )
 
 
+def _has_levels(lut: onnx.NodeProto) -> bool:
+    """Whether a LutConv lists its second output Q (or its inputs QScale, QThresholds)."""
+    return any(lut.output[1:]) or any(lut.input[6:])
+
+
+def _upstream(graph: onnx.GraphProto, values: list[str]) -> set[str]:
+    """The values ``values`` are computed from, themselves included."""
+    producers = {o: n for n in graph.node for o in n.output}
+    seen: set[str] = set()
+    pending = list(values)
+    while pending:
+        v = pending.pop()
+        if v in seen or not v:  # "": an absent optional input
+            continue
+        seen.add(v)
+        if v in producers:
+            pending.extend(producers[v].input)
+    return seen
+
+
+def _merge_quantizers(
+    graph: onnx.GraphProto, lut: onnx.NodeProto, tqs: list[onnx.NodeProto], outputs: set[str]
+) -> tuple[str, str, str] | None:
+    """Remove the ThresholdQuant nodes ``tqs`` of ``lut``'s output and rewire the readers of
+    their levels to one of them (the graph output, if one is); (levels, Scale, Thresholds) to
+    give ``lut``. None, with nothing changed, when there are none, when their Scale and
+    Thresholds differ or are computed from ``lut`` (a cycle once they are its inputs), or when
+    more than one of their levels is a graph output."""
+    if not tqs or len({tuple(t.input[1:]) for t in tqs}) != 1:
+        return None
+    qscale, qthresholds = tqs[0].input[1:]
+    if set(lut.output) & _upstream(graph, [qscale, qthresholds]):
+        return None
+    levels = [t.output[0] for t in tqs]
+    public = [q for q in levels if q in outputs]
+    if len(public) > 1:
+        return None
+    q = public[0] if public else levels[0]
+    for node in graph.node:
+        for k, name in enumerate(node.input):
+            if name in levels:
+                node.input[k] = q
+    for t in tqs:
+        graph.node.remove(t)
+    return q, qscale, qthresholds
+
+
+def _lut_convs(graph: onnx.GraphProto, domain: str) -> list[onnx.NodeProto]:
+    """The LutConv nodes without output Q (those a fusion may still change)."""
+    return [n for n in graph.node if _is(n, "LutConv", (domain,)) and not _has_levels(n)]
+
+
 def fuse_threshold_quant(graph: onnx.GraphProto, domain: str) -> int:
     """Turn each ``LutConv -> ThresholdQuant`` into one LutConvQuant (QScale, QThresholds = the
     ThresholdQuant's Scale, Thresholds) where the LutConv output is no graph output and is read
@@ -177,25 +230,15 @@ def fuse_threshold_quant(graph: onnx.GraphProto, domain: str) -> int:
     rewired to one of them). Returns how many."""
     outputs = {o.name for o in graph.output}
     fused = 0
-    for lut in [n for n in graph.node if _is(n, "LutConv", (domain,))]:
+    for lut in _lut_convs(graph, domain):
         y = lut.output[0]
-        tqs = consumers(graph, y)
-        if y in outputs or not tqs or not all(_quantizes(t, y, domain) for t in tqs):
+        readers = consumers(graph, y)
+        if y in outputs or not all(_quantizes(r, y, domain) for r in readers):
             continue
-        if len({tuple(t.input[1:]) for t in tqs}) != 1:
+        merged = _merge_quantizers(graph, lut, readers, outputs)
+        if merged is None:
             continue
-        levels = [t.output[0] for t in tqs]
-        public = [q for q in levels if q in outputs]
-        if len(public) > 1:
-            continue
-        q = public[0] if public else levels[0]
-        for node in graph.node:
-            for k, name in enumerate(node.input):
-                if name in levels:
-                    node.input[k] = q
-        qscale, qthresholds = tqs[0].input[1:]
-        for t in tqs:
-            graph.node.remove(t)
+        q, qscale, qthresholds = merged
         lut.op_type = "LutConvQuant"
         _set_input(lut, 6, qscale)
         _set_input(lut, 7, qthresholds)
@@ -205,22 +248,60 @@ def fuse_threshold_quant(graph: onnx.GraphProto, domain: str) -> int:
     return fused
 
 
+def fuse_level_output(graph: onnx.GraphProto, domain: str) -> int:
+    """Give a LutConv whose output y is read by ThresholdQuant nodes and also by other nodes (or
+    is a graph output, or read by quantizers with other parameters) the second output Q: the
+    levels of the largest group of those ThresholdQuants with the same Scale and Thresholds
+    (as inputs 6, 7). That group's nodes go, the readers of their levels read Q: a residual
+    block's output is written once as float (the next residual) and once as levels (the next
+    conv). Returns how many."""
+    outputs = {o.name for o in graph.output}
+    fused = 0
+    for lut in _lut_convs(graph, domain):
+        y = lut.output[0]
+        readers = consumers(graph, y)
+        groups: dict[tuple[str, ...], list[onnx.NodeProto]] = {}
+        for r in readers:
+            if _quantizes(r, y, domain):
+                groups.setdefault(tuple(r.input[1:]), []).append(r)
+        if len(groups) == 1 and sum(map(len, groups.values())) == len(readers) and y not in outputs:
+            continue  # nothing needs the float y: fuse_threshold_quant's case
+        # Quantizers with other parameters (a downsampling block's shortcut) keep reading y.
+        tqs = max(groups.values(), key=len, default=[])
+        merged = _merge_quantizers(graph, lut, tqs, outputs)
+        if merged is None:
+            continue
+        q, qscale, qthresholds = merged
+        _set_input(lut, 6, qscale)
+        _set_input(lut, 7, qthresholds)
+        del lut.output[1:]
+        lut.output.append(q)
+        fused += 1
+    topological_sort(graph)
+    return fused
+
+
 @dataclass(frozen=True)
 class Fusions:
-    """How many nodes the adq fusion pass folded into LutConv / LutConvQuant."""
+    """How many nodes the adq fusion pass folded into LutConv / LutConvQuant: residual Adds,
+    Relus, LutConvQuant nodes made, and LutConv nodes given the levels output Q."""
 
     residual_adds: int
     relus: int
     threshold_quants: int
+    level_outputs: int = 0
 
 
 def fuse_lut_conv(model: onnx.ModelProto, domain: str) -> Fusions:
     """The adq format's fusion pass: residual Adds and Relus into LutConv, then each
-    ``LutConv -> ThresholdQuant`` into LutConvQuant; dead nodes removed, order kept valid."""
+    ``LutConv -> ThresholdQuant`` into LutConvQuant where nothing else reads the float output,
+    and into LutConv's levels output Q where something does; dead nodes removed, order kept
+    valid."""
     adds, relus = fuse_residual_relu(model, domain)
     quants = fuse_threshold_quant(model.graph, domain)
+    levels = fuse_level_output(model.graph, domain)
     remove_unused(model.graph)
-    return Fusions(adds, relus, quants)
+    return Fusions(adds, relus, quants, levels)
 
 
 def remove_unused(graph: onnx.GraphProto) -> None:

@@ -5,9 +5,12 @@ Layer with a float input (a W8 first layer): LutDequant -> Conv / Gemm -> Mul / 
 A Relu read only by ThresholdQuant nodes (positive scale and thresholds) is dropped: it cannot
 change their levels. Then what follows a LutConv is fused into it (exporters.graph.fuse_lut_conv):
 a residual Add whose other operand provably has the output's shape (LutConv's Residual input)
-and a Relu (relu=1), when nothing else reads the intermediate values; and a ThresholdQuant that
+and a Relu (relu=1), when nothing else reads the intermediate values; a ThresholdQuant that
 is the only reader of a LutConv output makes the two one LutConvQuant (the next layer's uint8
-levels, no float tensor in between). The fused ops compute the same float32 operations.
+levels, no float tensor in between); and one beside other readers of the output (a residual
+block's output: the next residual and the next conv's levels) becomes the LutConv's second
+output Q (QScale, QThresholds its inputs 6, 7). The fused ops compute the same float32
+operations.
 
 With ``int_codebooks`` every codebook is snapped as the int8 format snaps it (C ~ s_w * c,
 integers c) and stored as the integers c, s_w folded into the layer's scale: the same codes and

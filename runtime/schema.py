@@ -9,7 +9,7 @@ ai.adq nodes of an exported graph (the exporter's fusion pass relies on it).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 
 import onnx
@@ -58,6 +58,8 @@ _LUT_INPUTS = (
     Param("Bias", "float", optional=True),
 )
 _RESIDUAL = Param("Residual", "float", optional=True)
+# LutConvQuant's (and LutConv's optional) ThresholdQuant parameters
+_QUANT = (Param("QScale", "float"), Param("QThresholds", "float"))
 _CONV_ATTRS = (
     Attr("bits", "int"),
     Attr("kernel_shape", "ints"),
@@ -85,16 +87,16 @@ OPS: tuple[OpDecl, ...] = (
     OpDecl(
         "LutConv",
         "Y = [relu](Scale[m] * conv(X, Codebook[unpack(Codes)]) + Bias[m] [+ Residual]) on uint8 "
-        "levels X.",
-        _LUT_INPUTS + (_RESIDUAL,),
-        (Param("Y", "float"),),
+        "levels X; optional Q = ThresholdQuant(Y, QScale, QThresholds) (with both inputs).",
+        _LUT_INPUTS + (_RESIDUAL, *(replace(p, optional=True) for p in _QUANT)),
+        (Param("Y", "float"), Param("Q", "uint8", optional=True)),
         _CONV_ATTRS,
     ),
     OpDecl(
         "LutConvQuant",
         "Q = ThresholdQuant(LutConv(X, Codes, Codebook, Scale, Bias, Residual), QScale, "
         "QThresholds): the next layer's uint8 levels without the float tensor.",
-        _LUT_INPUTS + (_RESIDUAL, Param("QScale", "float"), Param("QThresholds", "float")),
+        _LUT_INPUTS + (_RESIDUAL, *_QUANT),
         (Param("Q", "uint8"),),
         _CONV_ATTRS,
     ),
@@ -135,8 +137,11 @@ def _input_dims(ctx: onnx.shape_inference.InferenceContext, i: int, rank: int | 
     return dims if rank is None or len(dims) == rank else None
 
 
-def _set_output(ctx: onnx.shape_inference.InferenceContext, dtype: str, dims) -> None:
-    """Output 0: element type ``dtype``, shape ``dims`` (a list of Dim; None: unknown rank)."""
+def _set_output(
+    ctx: onnx.shape_inference.InferenceContext, dtype: str, dims, index: int = 0
+) -> None:
+    """Output ``index``: element type ``dtype``, shape ``dims`` (a list of Dim; None: unknown
+    rank)."""
     t = onnx.TypeProto()
     t.tensor_type.elem_type = _ELEM[dtype]
     if dims is not None:
@@ -148,7 +153,7 @@ def _set_output(ctx: onnx.shape_inference.InferenceContext, dtype: str, dims) ->
                 new.dim_value = d
             elif d is not None:
                 new.CopyFrom(d)
-    ctx.set_output_type(0, t)
+    ctx.set_output_type(index, t)
 
 
 def _attr(ctx: onnx.shape_inference.InferenceContext, op: str, name: str):
@@ -186,15 +191,19 @@ def _infer_lut_dequant(ctx: onnx.shape_inference.InferenceContext) -> None:
     _set_output(ctx, "float", dims)
 
 
-def _infer_lut_conv(ctx: onnx.shape_inference.InferenceContext, op: str, dtype: str) -> None:
-    """Y / Q: [N, M, OH, OW] with N from X, M = Codes.shape[0], OH / OW from the attributes."""
+def _infer_lut_conv(
+    ctx: onnx.shape_inference.InferenceContext, op: str, dtypes: tuple[str, ...]
+) -> None:
+    """Each listed output (``dtypes``: their element types, in order) [N, M, OH, OW], with N from
+    X, M = Codes.shape[0], OH / OW from the attributes."""
     x, codes = _input_dims(ctx, 0, 4), _input_dims(ctx, 1, 2)
     dims: list[Dim] = [None] * 4
     if x is not None:
         dims[0], dims[2:] = x[0], _conv_out_hw(ctx, op, x[2:])
     if codes is not None:
         dims[1] = codes[0]
-    _set_output(ctx, dtype, dims)
+    for index, dtype in enumerate(dtypes[: ctx.get_num_outputs()]):
+        _set_output(ctx, dtype, dims, index)
 
 
 def _infer_lut_gemm(ctx: onnx.shape_inference.InferenceContext) -> None:
@@ -206,8 +215,8 @@ def _infer_lut_gemm(ctx: onnx.shape_inference.InferenceContext) -> None:
 _INFERENCE: dict[str, InferenceFunction] = {
     "ThresholdQuant": _infer_threshold_quant,
     "LutDequant": _infer_lut_dequant,
-    "LutConv": partial(_infer_lut_conv, op="LutConv", dtype="float"),
-    "LutConvQuant": partial(_infer_lut_conv, op="LutConvQuant", dtype="uint8"),
+    "LutConv": partial(_infer_lut_conv, op="LutConv", dtypes=("float", "uint8")),  # Y[, Q]
+    "LutConvQuant": partial(_infer_lut_conv, op="LutConvQuant", dtypes=("uint8",)),
     "LutGemm": _infer_lut_gemm,
 }
 

@@ -1,5 +1,6 @@
 """exporters.graph: the Relu that cannot change ThresholdQuant levels is dropped, others kept;
-the LutConv fusion pass fuses what it can prove equal and nothing else."""
+the LutConv fusion pass fuses what it can prove equal and nothing else (LutConvQuant where only
+quantizers read the float output, LutConv's levels output Q where something else does too)."""
 
 from __future__ import annotations
 
@@ -228,6 +229,27 @@ def test_identical_threshold_quants_become_one():
     assert_same(before, now)
 
 
+@pytest.mark.parametrize("neg", [False, True])
+def test_quantizers_with_other_parameters_keep_reading_y(neg):
+    """Of two quantizers of y with different thresholds (a downsampling block's conv1 and
+    shortcut), one becomes output Q; the other keeps reading the float y."""
+    tail = [
+        oh.make_node("ThresholdQuant", ["y", "s", "t"], ["q1"], domain=DOMAIN),
+        oh.make_node("ThresholdQuant", ["y", "s", "t2"], ["q2"], domain=DOMAIN),
+    ]
+    outs = [("q1", TensorProto.UINT8, Y_SHAPE), ("q2", TensorProto.UINT8, Y_SHAPE)]
+    if neg:
+        tail.append(oh.make_node("Neg", ["y"], ["n"]))
+        outs.append(("n", TensorProto.FLOAT, Y_SHAPE))
+    counts, after, before, now = fused(lut_conv_model(tail, outputs=outs))
+    assert counts == Fusions(0, 0, 0, 1)
+    lut = next(n for n in after.graph.node if n.op_type == "LutConv")
+    assert len(lut.output) == 2
+    left = [n for n in after.graph.node if n.op_type == "ThresholdQuant"]
+    assert len(left) == 1 and left[0].input[0] == lut.output[0]
+    assert_same(before, now)
+
+
 REFUSED = {
     # y has a second reader
     "second reader": (
@@ -254,19 +276,11 @@ REFUSED = {
         None,
     ),
     "Add(y, y)": ([oh.make_node("Add", ["y", "y"], ["out"])], [], None),
-    # ThresholdQuant readers with different thresholds
-    "two quantizers": (
+    # a quantizer whose Scale is computed from y: as LutConv's input, a cycle
+    "scale from y": (
         [
-            oh.make_node("ThresholdQuant", ["y", "s", "t"], ["q1"], domain=DOMAIN),
-            oh.make_node("ThresholdQuant", ["y", "s", "t2"], ["q2"], domain=DOMAIN),
-        ],
-        [],
-        [("q1", TensorProto.UINT8, Y_SHAPE), ("q2", TensorProto.UINT8, Y_SHAPE)],
-    ),
-    # a ThresholdQuant beside another reader
-    "quantizer and Neg": (
-        [
-            oh.make_node("ThresholdQuant", ["y", "s", "t"], ["q"], domain=DOMAIN),
+            oh.make_node("ReduceMax", ["y"], ["m"], keepdims=0),
+            oh.make_node("ThresholdQuant", ["y", "m", "t"], ["q"], domain=DOMAIN),
             oh.make_node("Neg", ["y"], ["n"]),
         ],
         [],
@@ -296,6 +310,88 @@ def test_add_fused_but_not_a_relu_with_another_reader():
     assert counts == Fusions(1, 0, 0)
     assert ops(after) == ["LutConv", "Relu", "Neg"] and after.graph.node[0].output[0] == "z"
     assert_same(before, now)
+
+
+LEVEL_OUTPUT = {
+    # the block output: the next block's residual Add and the next conv's quantizer read it
+    "Add reader": (
+        [
+            oh.make_node("ThresholdQuant", ["y", "s", "t"], ["q"], domain=DOMAIN),
+            oh.make_node("Add", ["y", "r"], ["z"]),
+        ],
+        [("q", TensorProto.UINT8, Y_SHAPE), ("z", TensorProto.FLOAT, Y_SHAPE)],
+    ),
+    "graph output": (
+        [oh.make_node("ThresholdQuant", ["y", "s", "t"], ["q"], domain=DOMAIN)],
+        [("q", TensorProto.UINT8, Y_SHAPE), ("y", TensorProto.FLOAT, Y_SHAPE)],
+    ),
+    # identical quantizers become one output, their readers rewired
+    "two quantizers and Neg": (
+        [
+            oh.make_node("ThresholdQuant", ["y", "s", "t"], ["q1"], domain=DOMAIN),
+            oh.make_node("ThresholdQuant", ["y", "s", "t"], ["q2"], domain=DOMAIN),
+            oh.make_node("Neg", ["y"], ["n"]),
+            oh.make_node("Cast", ["q2"], ["c"], to=TensorProto.FLOAT),
+        ],
+        [("q1", TensorProto.UINT8, Y_SHAPE), ("c", TensorProto.FLOAT, Y_SHAPE)],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", LEVEL_OUTPUT)
+def test_block_output_gets_the_levels_output(case):
+    """y read by identical ThresholdQuant nodes and by something else (or a graph output):
+    LutConv writes both, Y and the levels Q (inputs 6, 7 the quantizer's Scale, Thresholds)."""
+    tail, outputs = LEVEL_OUTPUT[case]
+    model = lut_conv_model(tail, [("r", Y_SHAPE)], outputs)
+    counts, after, before, now = fused(model)
+    assert counts == Fusions(0, 0, 0, level_outputs=1)
+    q = tail[0].output[0]  # the first quantizer's levels (the others read them now)
+    lut = after.graph.node[0]
+    assert lut.op_type == "LutConv" and list(lut.output) == ["y", q]
+    assert list(lut.input) == ["x", "codes", "book", "scale", "bias", "", "s", "t"]
+    assert "ThresholdQuant" not in ops(after)
+    assert [n.input[0] for n in after.graph.node if n.op_type == "Cast"] in ([], [q])
+    assert_same(before, now)
+
+
+def test_levels_output_after_the_epilogue():
+    """Add + Relu fused first, then the block output (read by a quantizer and a Neg, the next
+    residual) gets Q; without Bias the node lists "" for it."""
+    tail = [
+        oh.make_node("Add", ["y", "r"], ["z"]),
+        oh.make_node("Relu", ["z"], ["a"]),
+        oh.make_node("ThresholdQuant", ["a", "s", "t"], ["q"], domain=DOMAIN),
+        oh.make_node("Neg", ["a"], ["n"]),
+    ]
+    outputs = [("q", TensorProto.UINT8, Y_SHAPE), ("n", TensorProto.FLOAT, Y_SHAPE)]
+    model = lut_conv_model(tail, [("r", Y_SHAPE)], outputs)
+    del model.graph.node[0].input[4]  # no Bias
+    counts, after, before, now = fused(model)
+    assert counts == Fusions(1, 1, 0, 1) and ops(after) == ["LutConv", "Neg"]
+    lut = after.graph.node[0]
+    assert list(lut.input) == ["x", "codes", "book", "scale", "", "r", "s", "t"]
+    assert list(lut.output) == ["a", "q"]
+    assert_same(before, now)
+    assert len(np.unique(before[0])) >= 3
+
+
+def test_lut_conv_with_levels_output_is_left_alone():
+    """A LutConv that already writes Q keeps its Y: no Add, Relu or quantizer fused into it."""
+    model = lut_conv_model(
+        [
+            oh.make_node("Add", ["y", "r"], ["z"]),
+            oh.make_node("Relu", ["z"], ["out"]),
+            oh.make_node("ThresholdQuant", ["y", "s", "t2"], ["q2"], domain=DOMAIN),
+        ],
+        [("r", Y_SHAPE)],
+        [("out", TensorProto.FLOAT, Y_SHAPE), ("q", TensorProto.UINT8, Y_SHAPE)],
+    )
+    lut = model.graph.node[0]
+    lut.input.extend(["", "s", "t"])
+    lut.output.append("q")
+    counts, after, *_ = fused(model)
+    assert counts == Fusions(0, 0, 0) and after.graph.node[0] == lut
 
 
 def test_known_shapes_see_through_adq_ops():

@@ -315,25 +315,57 @@ def fused_cases(seed, count, quant):
     return cases
 
 
+def _level_mismatches(inputs, attrs, got, ref):
+    """(levels that differ beyond threshold rounding, levels that differ within it): the float
+    output may differ from the reference's by a few ulps, so a level may differ by at most the
+    number of thresholds within rounding of its value."""
+    plain = {k: v for k, v in inputs.items() if k not in ("QScale", "QThresholds")}
+    z = run_single("LutConv", plain, attrs).astype(np.float64)
+    v = np.float64(inputs["QScale"].reshape(())) * z
+    tol = 2e-5 * max(1.0, float(np.abs(v).max()))
+    near = (np.abs(v[..., None] - inputs["QThresholds"].astype(np.float64)) <= tol).sum(-1)
+    diff = np.abs(got.astype(np.int64) - ref.astype(np.int64))
+    return int((diff > near).sum()), int(((near > 0) & (diff > 0)).sum())
+
+
 def check_levels(so, cases, constants=()):
-    """LutConvQuant against the reference: equal levels, except within rounding of thresholds
-    (the float output may differ by a few ulps), where they may differ by at most the number of
-    such thresholds; such outputs must be rare."""
+    """LutConvQuant against the reference: equal levels up to threshold rounding (above), such
+    outputs rare."""
     failures, exempt, total = [], 0, 0
     for inputs, attrs in cases:
         ref = run_single("LutConvQuant", inputs, attrs)
         got = run_ort(so, "LutConvQuant", inputs, attrs, constants)
-        plain = {k: v for k, v in inputs.items() if k not in ("QScale", "QThresholds")}
-        z = run_single("LutConv", plain, attrs).astype(np.float64)
-        v = np.float64(inputs["QScale"].reshape(())) * z
-        tol = 2e-5 * max(1.0, float(np.abs(v).max()))
-        near = (np.abs(v[..., None] - inputs["QThresholds"].astype(np.float64)) <= tol).sum(-1)
-        diff = np.abs(got.astype(np.int64) - ref.astype(np.int64))
-        bad = diff > near
-        if got.dtype != np.uint8 or got.shape != ref.shape or bad.any():
-            failures.append(f"{int(bad.sum())} levels differ: attrs={attrs} x={inputs['X'].shape}")
-        exempt += int(((near > 0) & (diff > 0)).sum())
+        bad, near = _level_mismatches(inputs, attrs, got, ref)
+        if got.dtype != np.uint8 or got.shape != ref.shape or bad:
+            failures.append(f"{bad} levels differ: attrs={attrs} x={inputs['X'].shape}")
+        exempt += near
         total += ref.size
+    assert not failures, f"{len(failures)}/{len(cases)} cases fail:\n" + "\n".join(failures[:5])
+    assert exempt <= 1e-3 * total, f"{exempt} of {total} levels differ at thresholds"
+
+
+def run_ort_y_and_levels(so, inputs, attrs, constants=()):
+    """LutConv with both outputs, Y and its levels Q, in onnxruntime."""
+    model = single_op_model("LutConv", inputs, attrs, constants=constants, outputs=("Y", "Q"))
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    feeds = {k: v for k, v in inputs.items() if v is not None and k not in constants}
+    return sess.run(None, feeds)
+
+
+def check_y_and_levels(so, cases, constants=()):
+    """LutConv with output Q: Y as LutConv's reference, Q as LutConvQuant's (up to rounding)."""
+    failures, exempt, total = [], 0, 0
+    for inputs, attrs in cases:
+        plain = {k: v for k, v in inputs.items() if k not in ("QScale", "QThresholds")}
+        y_ref = run_single("LutConv", plain, attrs)
+        q_ref = run_single("LutConvQuant", inputs, attrs)
+        y, q = run_ort_y_and_levels(so, inputs, attrs, constants)
+        err = float(np.abs(y.astype(np.float64) - y_ref).max()) if y.shape == y_ref.shape else 1e9
+        bad, near = _level_mismatches(inputs, attrs, q, q_ref) if q.shape == q_ref.shape else (1, 0)
+        if err > 1e-5 * max(1.0, float(np.abs(y_ref).max())) or q.dtype != np.uint8 or bad:
+            failures.append(f"Y error {err:.3g}, {bad} levels differ: attrs={attrs}")
+        exempt += near
+        total += q_ref.size
     assert not failures, f"{len(failures)}/{len(cases)} cases fail:\n" + "\n".join(failures[:5])
     assert exempt <= 1e-3 * total, f"{exempt} of {total} levels differ at thresholds"
 
@@ -372,6 +404,25 @@ def test_lut_conv_quant_exact_ties(so2):
         for constants in ((), ("Codes", "Codebook")):
             got = run_ort(so2, "LutConvQuant", inputs, attrs, constants)
             np.testing.assert_array_equal(got, ref)
+
+
+def test_lut_conv_with_levels_output_matches_reference(so2):
+    """LutConv writing Y and its levels Q (a residual block's output): every path."""
+    cases = fused_cases(seed=27, count=200, quant=True)
+    check_y_and_levels(so2, cases)
+    check_y_and_levels(so2, cases[:80], constants=("Codes", "Codebook", "Scale"))
+
+
+def test_lut_conv_levels_output_and_its_inputs_go_together(so2):
+    inputs, attrs = _conv_ok()
+    levels = {"QScale": np.array(1.0, np.float32), "QThresholds": np.array([0.5], np.float32)}
+    with pytest.raises(ORT_ERRORS, match="output Q needs inputs QScale and QThresholds"):
+        run_ort_y_and_levels(so2, inputs, attrs)
+    with pytest.raises(ORT_ERRORS, match="QScale and QThresholds need output Q"):
+        run_ort(so2, "LutConv", {**inputs, **levels}, attrs)
+    for outputs, extra in [(("Y", "Q"), {}), (None, levels)]:  # the reference agrees
+        with pytest.raises(ValueError):
+            run_single("LutConv", {**inputs, **extra}, attrs, outputs=outputs)
 
 
 def test_lut_conv_quant_on_wide_strided_rows(so2):
@@ -527,6 +578,7 @@ def test_other_isa_paths_match_reference(isa, library, monkeypatch):
     check_cases(so, "LutConv", conv_cases(seed=11, count=150, big_every=50))
     check_cases(so, "LutConv", fused_cases(seed=15, count=60, quant=False))
     check_levels(so, fused_cases(seed=16, count=60, quant=True))
+    check_y_and_levels(so, fused_cases(seed=17, count=40, quant=True))
     check_cases(so, "LutGemm", gemm_cases(seed=12, count=100))
     check_cases(so, "LutDequant", dequant_cases(seed=13, count=60), exact=True)
     check_cases(so, "ThresholdQuant", threshold_cases(seed=14, count=60), exact=True)

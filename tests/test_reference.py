@@ -333,6 +333,32 @@ def test_lut_conv_quant_random():
     assert seen >= {True, ("residual", True), ("residual", False), ("relu", 0), ("relu", 1)}
 
 
+def _quant_params(rng, z, case):
+    """QScale and QThresholds (T of 1..255, from quantiles of QScale * z) for an output z."""
+    qscale = np.float32(rng.uniform(0.5, 2.0) * (-1 if case % 7 == 0 else 1))
+    thr = np.quantile(np.float64(qscale) * z, rng.random(int(rng.choice([1, 3, 7, 255]))))
+    shape = () if case % 2 else (1,)
+    return {"QScale": np.array(qscale).reshape(shape), "QThresholds": np.sort(thr.astype("f4"))}
+
+
+def test_lut_conv_levels_output_random():
+    """LutConv with output Q: Y as without it, and Q bit for bit ThresholdQuant of Y and
+    LutConvQuant's output."""
+    rng = np.random.default_rng(43)
+    many_levels = 0
+    for case in range(30):
+        inputs, attrs, z, _ = _epilogue_case(rng, case)
+        quant = _quant_params(rng, z, case)
+        y, q = run_single("LutConv", {**inputs, **quant}, attrs, outputs=("Y", "Q"))
+        assert q.dtype == np.uint8 and q.shape == y.shape == z.shape
+        np.testing.assert_array_equal(y, run_single("LutConv", inputs, attrs))
+        tq = {"X": y, "Scale": quant["QScale"], "Thresholds": quant["QThresholds"]}
+        np.testing.assert_array_equal(q, run_single("ThresholdQuant", tq))
+        np.testing.assert_array_equal(q, run_single("LutConvQuant", {**inputs, **quant}, attrs))
+        many_levels += len(np.unique(q)) > 2
+    assert many_levels >= 10
+
+
 # ----------------------------------------------------------------------------- wiring
 
 
@@ -378,6 +404,40 @@ def test_single_op_models_pass_onnx_checker(tmp_path):
     assert q_model.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
 
 
+def test_lut_conv_levels_output_passes_onnx_checker():
+    """LutConv lists Q only when asked (by default its required output Y): both nodes pass
+    the checker, "" for absent Bias / Residual; shape inference gives Q uint8 of Y's shape."""
+    register_onnx_schemas()
+    inputs, attrs = _valid()["LutConvQuant"]
+    inputs = {**inputs, "Bias": None, "Residual": None}
+    plain = {k: v for k, v in inputs.items() if not k.startswith("Q")}
+    one = single_op_model("LutConv", plain, attrs)
+    onnx.checker.check_model(one, full_check=True)
+    assert list(one.graph.node[0].output) == ["Y"] and len(one.graph.output) == 1
+    two = single_op_model("LutConv", inputs, attrs, outputs=("Y", "Q"))
+    onnx.checker.check_model(two, full_check=True)
+    node = two.graph.node[0]
+    assert list(node.input) == ["X", "Codes", "Codebook", "Scale", "", "", "QScale", "QThresholds"]
+    assert list(node.output) == ["Y", "Q"]
+    inferred = onnx.shape_inference.infer_shapes(two, strict_mode=True).graph.output
+    types = [(o.name, o.type.tensor_type.elem_type, _dims(o)) for o in inferred]
+    elems = onnx.TensorProto.FLOAT, onnx.TensorProto.UINT8
+    assert types == [("Y", elems[0], [1, 6, 3, 3]), ("Q", elems[1], [1, 6, 3, 3])]
+    y, q = run_single("LutConv", inputs, attrs, outputs=("Y", "Q"))
+    assert y.dtype == np.float32 and q.dtype == np.uint8 and y.shape == q.shape == (1, 6, 3, 3)
+
+
+def test_single_op_model_outputs_argument():
+    """outputs: declared names only, required ones included; one array back for one output."""
+    inputs, attrs = _valid()["LutConv"]
+    with pytest.raises(ValueError, match="unknown outputs"):
+        single_op_model("LutConv", inputs, attrs, outputs=("Y", "Z"))
+    with pytest.raises(ValueError, match="required outputs"):
+        single_op_model("LutConv", inputs, attrs, outputs=("Q",))
+    y = run_single("LutConv", inputs, attrs, outputs=("Y",))
+    np.testing.assert_array_equal(y, run_single("LutConv", inputs, attrs))
+
+
 @pytest.mark.parametrize("residual", [False, True])
 def test_lut_conv_quant_lists_absent_inputs_as_empty(residual):
     """A LutConvQuant node without Bias (and Residual) names them "": onnx.checker accepts it."""
@@ -391,6 +451,11 @@ def test_lut_conv_quant_lists_absent_inputs_as_empty(residual):
     q = run_single("LutConvQuant", inputs, attrs)
     assert q.dtype == np.uint8 and q.shape == (1, 6, 3, 3)
     assert q.any() == residual  # relu(-18 + 20) = 2 has level 2, relu(-18) level 0
+
+
+def _dims(value):
+    dims = value.type.tensor_type.shape.dim
+    return [d.dim_value if d.HasField("dim_value") else d.dim_param or None for d in dims]
 
 
 def _inferred_dims(model):
@@ -553,6 +618,29 @@ ERRORS = [
     ("LutConvQuant", {"X": np.ones((1, 4, 5, 5), np.float32)}, {}),
     ("LutConvQuant", {}, {"kernel_shape": None}),
 ]
+
+
+LEVEL_ERRORS = [
+    # (inputs changed, outputs, error)
+    ({"QScale": None, "QThresholds": None}, ("Y", "Q"), "output Q needs inputs QScale and"),
+    ({"QThresholds": None}, ("Y", "Q"), "output Q needs inputs QScale and"),
+    ({"QScale": None}, ("Y", "Q"), "output Q needs inputs QScale and"),
+    ({}, None, "QScale and QThresholds need output Q"),
+    ({"QScale": None}, None, "QScale and QThresholds need output Q"),
+    ({"QThresholds": _f(1, 0.5)}, ("Y", "Q"), "QThresholds must be non-decreasing"),
+    ({"QThresholds": np.zeros(256, np.float32)}, ("Y", "Q"), "QThresholds length"),
+    ({"QScale": _f(1, 2)}, ("Y", "Q"), "QScale must be a scalar"),
+    ({"QScale": np.ones(1, np.float64)}, ("Y", "Q"), "input QScale must be float"),
+]
+
+
+@pytest.mark.parametrize("bad_inputs, outputs, message", LEVEL_ERRORS)
+def test_lut_conv_levels_output_errors(bad_inputs, outputs, message):
+    """Q without QScale and QThresholds, those without Q, or invalid ones: ValueError."""
+    inputs, attrs = _valid()["LutConvQuant"]  # as LutConv's with Q: Y = 2, levels 2
+    assert run_single("LutConv", inputs, attrs, outputs=("Y", "Q"))[1].any()
+    with pytest.raises(ValueError, match=f"LutConv: {message}"):
+        run_single("LutConv", {**inputs, **bad_inputs}, attrs, outputs=outputs)
 
 
 @pytest.mark.parametrize("op, bad_inputs, bad_attrs", ERRORS)

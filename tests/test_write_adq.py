@@ -21,6 +21,7 @@ from export_helpers import (
 )
 from onnx import TensorProto
 
+from exporters import graph as graph_module
 from exporters import write_adq as write_adq_module
 from exporters.export import build_model
 from exporters.graph import Fusions, fuse_lut_conv, known_shapes
@@ -94,11 +95,12 @@ def test_graph_uses_the_adq_op_set(name):
     assert all(n.domain in ("", DOMAIN) for n in model.graph.node)
     assert not [n for n in model.graph.node if n.op_type == "QuantLayer"]
     # one LutConv / LutConvQuant / LutGemm per layer with a quantized input, LutDequant for the
-    # others; one ThresholdQuant per quantized input, unless fused into the LutConvQuant before
+    # others; one ThresholdQuant per quantized input, unless fused into the LutConvQuant or the
+    # LutConv (output Q) before
     with_act = sum(lay.act is not None for lay in folded.layers.values())
     lut = [n for n in custom if n.op_type in ("LutConv", "LutConvQuant", "LutGemm")]
     assert len(lut) == with_act
-    fused = len([n for n in custom if n.op_type == "LutConvQuant"])
+    fused = len([n for n in custom if n.op_type == "LutConvQuant" or len(n.output) == 2])
     assert len([n for n in custom if n.op_type == "ThresholdQuant"]) == with_act - fused
     assert len([n for n in custom if n.op_type == "LutDequant"]) == len(folded.layers) - with_act
     # no Relu is left whose only readers are ThresholdQuant nodes (they are dropped)
@@ -162,15 +164,21 @@ def unfused_model(name, monkeypatch, int_codebooks=False):
         return write_adq(folded, int_codebooks)
 
 
-# What the fusion pass folds (residual Adds, Relus, ThresholdQuants), from the architectures:
+# What the fusion pass folds (residual Adds, Relus, ThresholdQuants into LutConvQuant, and into
+# LutConv's levels output Q), from the architectures:
 # resnet18: each block's Add, the 5 block-output Relus not dropped, conv1 -> conv2's quantizer;
-# resnet20: the 7 blocks whose shortcut is no Pad (zero padding: shape unknown to inference);
+# output Q for the 7 block outputs the next block reads (as residual and through conv1's
+# quantizer; a downsampling block reads one through two quantizers, conv1's and the shortcut's,
+# which differ: one becomes Q, the other stays; the last block's, read by the pooling, has none);
+# resnet20: the 7 blocks whose shortcut is no Pad (zero padding: shape unknown to inference),
+# output Q for those blocks' outputs but the last's (6: the next block's conv1 quantizes them,
+# its shortcut reads them as float);
 # small_cnn: its convs are read by quantizers only; test_model: see ExportTestNet.forward.
 FUSIONS = {
-    "resnet18": Fusions(8, 5, 8),
-    "resnet20": Fusions(7, 7, 9),
-    "small_cnn": Fusions(0, 1, 3),
-    "test_model": Fusions(1, 3, 2),
+    "resnet18": Fusions(8, 5, 8, 7),
+    "resnet20": Fusions(7, 7, 9, 6),
+    "small_cnn": Fusions(0, 1, 3, 0),
+    "test_model": Fusions(1, 3, 2, 1),
 }
 
 
@@ -195,6 +203,10 @@ def test_fusion_pass_leaves_nothing_fusable(name, monkeypatch):
         }
     if name == "resnet18":
         assert not [n for n in after_lut if n.op_type in ("Add", "Relu")]
+        # the quantizers left: the max-pool output's, and one per downsampling block
+        quantized = sorted(producer[n.input[0]] for n in nodes if n.op_type == "ThresholdQuant")
+        assert quantized == ["LutConv"] * 3 + ["MaxPool"]
+    assert len([n for n in nodes if len(n.output) == 2]) == FUSIONS[name].level_outputs
 
 
 @pytest.mark.parametrize(
@@ -207,3 +219,18 @@ def test_fused_graph_computes_the_unfused_logits(name, int_codebooks, monkeypatc
     plain = run_onnx(unfused_model(name, monkeypatch, int_codebooks), x)
     np.testing.assert_allclose(fused, plain, rtol=1e-5, atol=1e-5 * np.abs(plain).max())
     np.testing.assert_array_equal(fused.argmax(1), plain.argmax(1))
+
+
+@pytest.mark.parametrize("name", ["resnet20", "test_model"])
+def test_levels_output_gives_the_same_logits(name, monkeypatch):
+    """LutConv's output Q in place of the ThresholdQuant after it: bit for bit the same logits
+    through the reference evaluator."""
+    _, folded = loaded(name)
+    x = case_input(name, batch=2, seed=5)
+    fused = write_adq(folded)
+    with monkeypatch.context() as m:
+        m.setattr(graph_module, "fuse_level_output", lambda graph, domain: 0)
+        plain = write_adq(folded)
+    assert sum(len(n.output) == 2 for n in fused.graph.node) == FUSIONS[name].level_outputs
+    assert not [n for n in plain.graph.node if len(n.output) == 2]
+    np.testing.assert_array_equal(run_onnx(fused, x), run_onnx(plain, x))

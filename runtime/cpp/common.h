@@ -317,8 +317,9 @@ void CountLevels(const float* x, int64_t n, const Levels& lv, uint8_t* q, Isa is
 // ---- the op template -------------------------------------------------------------------------
 
 // Kernel provides: static constexpr const char* kName; static constexpr
-// ONNXTensorElementDataType kInputs[], kOutputs[]; static constexpr uint32_t kOptionalInputs
-// (bit i set: input i may be absent); explicit Kernel(const OrtKernelInfo*);
+// ONNXTensorElementDataType kInputs[], kOutputs[]; static constexpr uint32_t kOptionalInputs,
+// kOptionalOutputs (bit i set: input / output i may be absent); explicit
+// Kernel(const OrtKernelInfo*);
 // void Compute(Ort::KernelContext&).
 template <class Kernel>
 struct KernelAdapter : Kernel {
@@ -347,6 +348,9 @@ struct Op : Ort::CustomOpBase<Op<Kernel>, KernelAdapter<Kernel>, true> {
   }
   size_t GetOutputTypeCount() const { return std::size(Kernel::kOutputs); }
   ONNXTensorElementDataType GetOutputType(size_t i) const { return Kernel::kOutputs[i]; }
+  OrtCustomOpInputOutputCharacteristic GetOutputCharacteristic(size_t i) const {
+    return (Kernel::kOptionalOutputs >> i) & 1u ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+  }
 };
 
 constexpr ONNXTensorElementDataType kU8 = ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;

@@ -232,7 +232,7 @@ __attribute__((target("avx512f"))) inline void Transpose16(__m512 r[16]) {
 // Where a tile's outputs go: element (channel l, output j) of the tile is flat index l * P + j
 // of each pointer (all offset to the tile's first output of its first channel).
 struct TileOut {
-  float* y;               // the float output (nullptr with levels)
+  float* y;               // the float output (FLOATS)
   const float* residual;  // added when RES
   uint8_t* q;             // the levels output (QUANT)
   const Levels* levels;
@@ -259,7 +259,7 @@ __attribute__((target("avx512f"))) inline void StoreLevels(__m512 v, const Level
 // Writes a tile [nq][32] (outputs x channels) to NCHW rows through 16 x 16 transposes in
 // registers, with the fused epilogue (+ residual, relu, levels: chosen at compile time), and
 // masked stores.
-template <bool RES, bool RELU, bool QUANT>
+template <bool RES, bool RELU, bool FLOATS, bool QUANT>
 __attribute__((target("avx512f"))) void StoreTile(const float* tile, int64_t nq, int64_t mcount,
                                                   const TileOut& o, int64_t P) {
   const __m512 zero = _mm512_setzero_ps();
@@ -279,11 +279,8 @@ __attribute__((target("avx512f"))) void StoreTile(const float* tile, int64_t nq,
         __m512 v = r[l];
         if (RES) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, o.residual + at));
         if (RELU) v = _mm512_max_ps(zero, v);  // max(0, NaN) is the NaN (second operand)
-        if (QUANT) {
-          StoreLevels(v, *o.levels, n, o.q + at);
-        } else {
-          _mm512_mask_storeu_ps(o.y + at, mask, v);
-        }
+        if (FLOATS) _mm512_mask_storeu_ps(o.y + at, mask, v);
+        if (QUANT) StoreLevels(v, *o.levels, n, o.q + at);
       }
     }
   }
@@ -291,14 +288,14 @@ __attribute__((target("avx512f"))) void StoreTile(const float* tile, int64_t nq,
 
 using StoreFn = void (*)(const float*, int64_t, int64_t, const TileOut&, int64_t);
 
-// The StoreTile for an epilogue.
-StoreFn ChooseStore(const Fused& f) {
-  static constexpr StoreFn kStores[8] = {
-      &StoreTile<false, false, false>, &StoreTile<false, false, true>,
-      &StoreTile<false, true, false>,  &StoreTile<false, true, true>,
-      &StoreTile<true, false, false>,  &StoreTile<true, false, true>,
-      &StoreTile<true, true, false>,   &StoreTile<true, true, true>};
-  return kStores[(f.residual ? 4 : 0) + (f.relu ? 2 : 0) + (f.q ? 1 : 0)];
+// The StoreTile for an epilogue (writing floats, levels or both).
+template <size_t... I>
+constexpr std::array<StoreFn, sizeof...(I)> Stores(std::index_sequence<I...>) {
+  return {&StoreTile<(I & 8) != 0, (I & 4) != 0, (I & 2) != 0, (I & 1) != 0>...};
+}
+StoreFn ChooseStore(const Fused& f, bool floats) {
+  static constexpr auto kStores = Stores(std::make_index_sequence<16>{});
+  return kStores[(f.residual ? 8 : 0) + (f.relu ? 4 : 0) + (floats ? 2 : 0) + (f.q ? 1 : 0)];
 }
 
 template <bool WIDE, size_t... Q>
@@ -588,7 +585,7 @@ void Conv(const Ort::KernelContext& ctx, const ConvShape& s, const uint8_t* x, c
   const int64_t rows_per_task = std::max<int64_t>(
       1, std::min<int64_t>(kChunkQ / s.OW, row_tasks / (2 * static_cast<int64_t>(TaskHint()))));
   const int64_t rchunks = (s.OH + rows_per_task - 1) / rows_per_task;
-  const StoreFn store = ChooseStore(f);
+  const StoreFn store = ChooseStore(f, y != nullptr);
   auto tile_task = [&](size_t task) {
     const int64_t p = static_cast<int64_t>(task) % npanels;
     const int64_t rest = static_cast<int64_t>(task) / npanels;
@@ -635,7 +632,7 @@ void Conv(const Ort::KernelContext& ctx, const ConvShape& s, const uint8_t* x, c
               float row[kMaxQAvx2];
               for (int64_t j = 0; j < nq; ++j) row[j] = tile[j * 2 * kLanes + l];
               Finish(row, nq, f, at + l * P, isa);
-              if (!f.q) std::copy(row, row + nq, y + at + l * P);
+              if (y) std::copy(row, row + nq, y + at + l * P);
             }
           }
         }

@@ -65,8 +65,8 @@ class Cache {
 struct Fused {
   const float* residual = nullptr;  // [N, M, OH, OW], or nullptr
   bool relu = false;
-  uint8_t* q = nullptr;  // LutConvQuant's output [N, M, OH, OW] (no float output then)
-  Levels levels;         // LutConvQuant's QScale and QThresholds
+  uint8_t* q = nullptr;  // levels [N, M, OH, OW]: LutConvQuant's output, LutConv's output Q
+  Levels levels;         // their QScale and QThresholds
 };
 
 // The fused epilogue on n consecutive outputs v (in place) at flat output index `at`; with f.q
@@ -78,8 +78,8 @@ struct ConvShape {
 };
 
 // Y[n, m] = Scale[m] * conv(X, Codebook[codes]) + Bias[m] for group 1, then the fused
-// epilogue f (docs/onnx-ops.md); y is nullptr when f.q takes the output. isa: kAvx512 or kAvx2
-// (kFloat only).
+// epilogue f (docs/onnx-ops.md), into y (nullptr: LutConvQuant, levels only) and f.q when set.
+// isa: kAvx512 or kAvx2 (kFloat only).
 void Conv(const Ort::KernelContext& ctx, const ConvShape& s, const uint8_t* x, const Packed& w,
           const Lut& lut, const Affine& af, const Fused& f, float* y, Isa isa);
 

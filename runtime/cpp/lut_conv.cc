@@ -95,14 +95,25 @@ constexpr std::array<ONNXTensorElementDataType, N> ConvInputs() {
   return types;
 }
 
+template <bool kQuant>
+constexpr auto ConvOutputs() {
+  if constexpr (kQuant) {
+    return std::array<ONNXTensorElementDataType, 1>{kU8};
+  } else {
+    return std::array<ONNXTensorElementDataType, 2>{kF32, kU8};
+  }
+}
+
 // LutConv (kQuant false) and LutConvQuant (kQuant true).
 template <bool kQuant>
 struct LutConvT {
   static constexpr const char* kName = kQuant ? "LutConvQuant" : "LutConv";
-  // X, Codes (uint8), Codebook, Scale, Bias, Residual (and QScale, QThresholds)
-  static constexpr auto kInputs = ConvInputs<kQuant ? 8 : 6>();
-  static constexpr ONNXTensorElementDataType kOutputs[] = {kQuant ? kU8 : kF32};
-  static constexpr uint32_t kOptionalInputs = (1u << 4) | (1u << 5);
+  // X, Codes (uint8), Codebook, Scale, Bias, Residual, QScale, QThresholds
+  static constexpr auto kInputs = ConvInputs<8>();
+  // LutConv: Y and optionally its levels Q; LutConvQuant: Q
+  static constexpr auto kOutputs = ConvOutputs<kQuant>();
+  static constexpr uint32_t kOptionalInputs = kQuant ? 0x30u : 0xF0u;
+  static constexpr uint32_t kOptionalOutputs = kQuant ? 0u : 0x2u;
 
   explicit LutConvT(const OrtKernelInfo* info) : isa_(SelectIsa()) {
     bits_ = BitsAttr(info);
@@ -180,7 +191,16 @@ struct LutConvT {
       f.levels = GetLevels(ctx, 6, 7, "QScale", "QThresholds");
       f.q = ctx.GetOutput(0, yshape).GetTensorMutableData<uint8_t>();
     } else {
+      const bool levels = ctx.GetOutputCount() > 1;
+      const bool inputs = HasInput(ctx, 6) || HasInput(ctx, 7);
+      Check(!levels || (HasInput(ctx, 6) && HasInput(ctx, 7)),
+            "output Q needs inputs QScale and QThresholds");
+      Check(levels || !inputs, "QScale and QThresholds need output Q");
       y = GetOutputFloat(ctx, yshape);
+      if (levels) {
+        f.levels = GetLevels(ctx, 6, 7, "QScale", "QThresholds");
+        f.q = ctx.GetOutput(1, yshape).GetTensorMutableData<uint8_t>();
+      }
     }
     const panels::Kind kind = panels::Choose(isa_, lut, group_, g.G, g.kH * g.kW);
     if (kind != panels::Kind::kNone) {

@@ -12,6 +12,7 @@ struct LutDequant {
   static constexpr ONNXTensorElementDataType kInputs[] = {kU8, kF32};
   static constexpr ONNXTensorElementDataType kOutputs[] = {kF32};
   static constexpr uint32_t kOptionalInputs = 0;
+  static constexpr uint32_t kOptionalOutputs = 0;
 
   explicit LutDequant(const OrtKernelInfo* info) : isa_(SelectIsa()) {
     bits_ = BitsAttr(info);

@@ -21,6 +21,7 @@ struct LutGemm {
   static constexpr ONNXTensorElementDataType kInputs[] = {kU8, kU8, kF32, kF32, kF32};
   static constexpr ONNXTensorElementDataType kOutputs[] = {kF32};
   static constexpr uint32_t kOptionalInputs = 1u << 4;
+  static constexpr uint32_t kOptionalOutputs = 0;
 
   explicit LutGemm(const OrtKernelInfo* info) : isa_(SelectIsa()) { bits_ = BitsAttr(info); }
 

@@ -71,6 +71,7 @@ struct ThresholdQuant {
   static constexpr ONNXTensorElementDataType kInputs[] = {kF32, kF32, kF32};
   static constexpr ONNXTensorElementDataType kOutputs[] = {kU8};
   static constexpr uint32_t kOptionalInputs = 0;
+  static constexpr uint32_t kOptionalOutputs = 0;
 
   explicit ThresholdQuant(const OrtKernelInfo* /*info*/) : isa_(SelectIsa()) {}
 

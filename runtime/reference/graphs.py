@@ -22,20 +22,41 @@ _OUTPUT_RANK = {
 }
 
 
+def output_names(op_name: str, outputs: tuple[str, ...] | None = None) -> list[str]:
+    """The node's output list: the declared outputs named in ``outputs`` (None: the required
+    ones), "" for an unlisted optional output before a listed one; ValueError for an unknown or
+    a missing required output."""
+    decl = OPS_BY_NAME[op_name]
+    declared = [p.name for p in decl.outputs]
+    wanted = [p.name for p in decl.outputs if not p.optional] if outputs is None else outputs
+    unknown = sorted(set(wanted) - set(declared))
+    if unknown:
+        raise ValueError(f"{op_name}: unknown outputs {unknown}; declared: {declared}")
+    missing = [p.name for p in decl.outputs if not p.optional and p.name not in wanted]
+    if missing:
+        raise ValueError(f"{op_name}: required outputs {missing} missing")
+    names = [name if name in wanted else "" for name in declared]
+    while names and names[-1] == "":
+        names.pop()
+    return names
+
+
 def single_op_model(
     op_name: str,
     inputs: dict[str, np.ndarray],
     attrs: dict | None = None,
     opset: int = 21,
     constants: tuple[str, ...] = (),
+    outputs: tuple[str, ...] | None = None,
 ) -> onnx.ModelProto:
     """A model with one ``op_name`` node; ``inputs`` (by declared name) become graph inputs,
     except those named in ``constants``, which become initializers (as in an exported model).
 
-    Missing optional inputs (absent or None) become "" (trailing ones are left out). Graph
-    input types follow the arrays' dtypes (so wrong dtypes reach the op); output element types
-    follow the declaration, output dims are left unknown (rank only, which onnx.checker
-    requires).
+    Missing optional inputs (absent or None) become "" (trailing ones are left out). ``outputs``
+    names the declared outputs the node lists and the graph returns (None: the required ones;
+    an optional output is only computed when listed). Graph input types follow the arrays'
+    dtypes (so wrong dtypes reach the op); output element types follow the declaration, output
+    dims are left unknown (rank only, which onnx.checker requires).
     """
     if op_name not in OPS_BY_NAME:
         raise ValueError(f"unknown ai.adq op {op_name!r}; known: {sorted(OPS_BY_NAME)}")
@@ -44,6 +65,7 @@ def single_op_model(
     unknown = sorted(set(inputs) - declared)
     if unknown:
         raise ValueError(f"{op_name}: unknown inputs {unknown}; declared: {sorted(declared)}")
+    out_names = output_names(op_name, outputs)
     names = []
     graph_inputs = []
     initializers = []
@@ -63,23 +85,28 @@ def single_op_model(
     while names and names[-1] == "":
         names.pop()
     rank = _OUTPUT_RANK[op_name](inputs, attrs or {})
-    outputs = [
-        oh.make_tensor_value_info(p.name, _ELEM[p.dtype], [None] * rank) for p in decl.outputs
+    graph_outputs = [
+        oh.make_tensor_value_info(p.name, _ELEM[p.dtype], [None] * rank)
+        for p in decl.outputs
+        if p.name in out_names
     ]
-    node = oh.make_node(
-        op_name, names, [p.name for p in decl.outputs], domain=DOMAIN, **(attrs or {})
-    )
-    graph = oh.make_graph([node], f"{op_name}_single", graph_inputs, outputs, initializers)
+    node = oh.make_node(op_name, names, out_names, domain=DOMAIN, **(attrs or {}))
+    graph = oh.make_graph([node], f"{op_name}_single", graph_inputs, graph_outputs, initializers)
     opsets = [oh.make_opsetid("", opset), oh.make_opsetid(DOMAIN, VERSION)]
     ir = oh.find_min_ir_version_for([opsets[0]])
     return oh.make_model(graph, opset_imports=opsets, ir_version=ir)
 
 
 def run_single(
-    op_name: str, inputs: dict[str, np.ndarray], attrs: dict | None = None
-) -> np.ndarray:
-    """The (single) output of ``op_name`` on ``inputs`` through ``ReferenceEvaluator``."""
-    model = single_op_model(op_name, inputs, attrs)
+    op_name: str,
+    inputs: dict[str, np.ndarray],
+    attrs: dict | None = None,
+    outputs: tuple[str, ...] | None = None,
+) -> np.ndarray | tuple[np.ndarray, ...]:
+    """The output of ``op_name`` on ``inputs`` through ``ReferenceEvaluator``: one array when
+    the node has one output (by default its required outputs, see ``single_op_model``), else a
+    tuple in declaration order."""
+    model = single_op_model(op_name, inputs, attrs, outputs=outputs)
     feeds = {k: np.asarray(v) for k, v in inputs.items() if v is not None}
-    (out,) = run_reference(model, feeds)
-    return out
+    results = tuple(run_reference(model, feeds))
+    return results[0] if len(results) == 1 else results

@@ -1,7 +1,10 @@
 """LutConv: 2-D convolution of uint8 levels with codebook weights, then the per-channel affine
-epilogue, an optional Residual add and an optional Relu (docs/onnx-ops.md)."""
+epilogue, an optional Residual add and an optional Relu; with the optional second output Q also
+``ThresholdQuant`` of the result (docs/onnx-ops.md)."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 from onnx.reference.op_run import OpRun
@@ -17,6 +20,7 @@ from runtime.reference._common import (
     epilogue,
     lookup,
 )
+from runtime.reference.op_threshold_quant import check_quant_params, quantize
 from runtime.schema import DOMAIN, attribute_defaults
 
 _DEFAULTS = attribute_defaults("LutConv")
@@ -99,6 +103,20 @@ def lut_conv(
     return y
 
 
+def level_output_wanted(
+    op: str, outputs: Sequence[str], qscale: object, qthresholds: object
+) -> bool:
+    """Whether a LutConv node lists its second output Q (it must then have QScale and
+    QThresholds, and may have them only then), else ValueError; ``outputs`` are its output
+    names ("" is an absent output)."""
+    wanted = len(outputs) > 1 and outputs[1] != ""
+    if wanted and (qscale is None or qthresholds is None):
+        raise ValueError(f"{op}: output Q needs inputs QScale and QThresholds")
+    if not wanted and (qscale is not None or qthresholds is not None):
+        raise ValueError(f"{op}: QScale and QThresholds need output Q")
+    return wanted
+
+
 class LutConv(OpRun):
     op_domain = DOMAIN
 
@@ -110,6 +128,8 @@ class LutConv(OpRun):
         Scale,
         Bias=None,
         Residual=None,
+        QScale=None,
+        QThresholds=None,
         bits=_DEFAULTS["bits"],
         kernel_shape=_DEFAULTS["kernel_shape"],
         strides=_DEFAULTS["strides"],
@@ -118,6 +138,11 @@ class LutConv(OpRun):
         group=_DEFAULTS["group"],
         relu=_DEFAULTS["relu"],
     ):
+        op = "LutConv"
+        quant = None
+        if level_output_wanted(op, self.onnx_node.output, QScale, QThresholds):
+            quant = check_quant_params(op, QScale, QThresholds, ("QScale", "QThresholds"))
         attrs = dict(bits=bits, kernel_shape=kernel_shape, strides=strides, pads=pads)
         attrs.update(dilations=dilations, group=group, relu=relu)
-        return (lut_conv("LutConv", X, Codes, Codebook, Scale, Bias, Residual, **attrs),)
+        y = lut_conv(op, X, Codes, Codebook, Scale, Bias, Residual, **attrs)
+        return (y,) if quant is None else (y, quantize(y, *quant))
