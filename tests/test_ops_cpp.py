@@ -438,12 +438,12 @@ def test_lut_conv_quant_on_wide_strided_rows(so2):
 
 
 def test_lut_conv_batch_in_chunks_matches_reference(so2):
-    """Batches whose phase planes exceed the kernel's per-chunk budget (512 KB) run in chunks of
-    images: 64 channels of 40 x 40 take 4 images per chunk, so 9 images make 3 chunks."""
+    """Large batches run in chunks of images (planes of about 512 KB, at least 2^28
+    multiply-adds): this layer's chunks hold 4 images, so 9 images make 3 chunks."""
     rng = np.random.default_rng(26)
     for integer in (True, False):
-        packed, codebook = _codes(rng, 3, 40, 64 * 9, integer=integer)
-        scale, bias = _affine(rng, 40)
+        packed, codebook = _codes(rng, 3, 128, 64 * 9, integer=integer)
+        scale, bias = _affine(rng, 128)
         inputs = {"X": _levels(rng, (9, 64, 40, 40)), "Codes": packed, "Codebook": codebook}
         inputs.update(Scale=scale, Bias=bias)
         attrs = {"bits": 3, "kernel_shape": [3, 3], "pads": [1, 1, 1, 1], "relu": 1}
