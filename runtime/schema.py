@@ -112,6 +112,7 @@ OPS: tuple[OpDecl, ...] = (
 OPS_BY_NAME = {op.name: op for op in OPS}
 
 _TYPES = {"uint8": "tensor(uint8)", "float": "tensor(float)"}
+ELEMENT_TYPES = {"uint8": onnx.TensorProto.UINT8, "float": onnx.TensorProto.FLOAT}
 _ATTR_TYPES = {
     "int": onnx.defs.OpSchema.AttrType.INT,
     "ints": onnx.defs.OpSchema.AttrType.INTS,
@@ -123,7 +124,6 @@ _ATTR_TYPES = {
 
 InferenceFunction = Callable[[onnx.shape_inference.InferenceContext], None]
 Dim = onnx.TensorShapeProto.Dimension | int | None  # a dimension to copy, a value, or unknown
-_ELEM = {"uint8": onnx.TensorProto.UINT8, "float": onnx.TensorProto.FLOAT}
 
 
 def _input_dims(ctx: onnx.shape_inference.InferenceContext, i: int, rank: int | None = None):
@@ -143,7 +143,7 @@ def _set_output(
     """Output ``index``: element type ``dtype``, shape ``dims`` (a list of Dim; None: unknown
     rank)."""
     t = onnx.TypeProto()
-    t.tensor_type.elem_type = _ELEM[dtype]
+    t.tensor_type.elem_type = ELEMENT_TYPES[dtype]
     if dims is not None:
         shape = t.tensor_type.shape
         shape.SetInParent()  # a rank-0 output still has a shape
@@ -191,11 +191,10 @@ def _infer_lut_dequant(ctx: onnx.shape_inference.InferenceContext) -> None:
     _set_output(ctx, "float", dims)
 
 
-def _infer_lut_conv(
-    ctx: onnx.shape_inference.InferenceContext, op: str, dtypes: tuple[str, ...]
-) -> None:
-    """Each listed output (``dtypes``: their element types, in order) [N, M, OH, OW], with N from
-    X, M = Codes.shape[0], OH / OW from the attributes."""
+def _infer_lut_conv(ctx: onnx.shape_inference.InferenceContext, op: str) -> None:
+    """Each listed output [N, M, OH, OW] (element types as declared), with N from X,
+    M = Codes.shape[0], OH / OW from the attributes."""
+    dtypes = [p.dtype for p in OPS_BY_NAME[op].outputs]
     x, codes = _input_dims(ctx, 0, 4), _input_dims(ctx, 1, 2)
     dims: list[Dim] = [None] * 4
     if x is not None:
@@ -215,8 +214,8 @@ def _infer_lut_gemm(ctx: onnx.shape_inference.InferenceContext) -> None:
 _INFERENCE: dict[str, InferenceFunction] = {
     "ThresholdQuant": _infer_threshold_quant,
     "LutDequant": _infer_lut_dequant,
-    "LutConv": partial(_infer_lut_conv, op="LutConv", dtypes=("float", "uint8")),  # Y[, Q]
-    "LutConvQuant": partial(_infer_lut_conv, op="LutConvQuant", dtypes=("uint8",)),
+    "LutConv": partial(_infer_lut_conv, op="LutConv"),
+    "LutConvQuant": partial(_infer_lut_conv, op="LutConvQuant"),
     "LutGemm": _infer_lut_gemm,
 }
 

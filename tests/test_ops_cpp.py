@@ -42,11 +42,13 @@ def so2(library):
     return adq_session_options(num_threads=2)
 
 
-def run_ort(so, op, inputs, attrs, constants=()):
-    model = single_op_model(op, inputs, attrs, constants=constants)
+def run_ort(so, op, inputs, attrs, constants=(), outputs=None):
+    """The op in onnxruntime: its one output, or the list of ``outputs`` (see single_op_model)."""
+    model = single_op_model(op, inputs, attrs, constants=constants, outputs=outputs)
     sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
     feeds = {k: v for k, v in inputs.items() if v is not None and k not in constants}
-    return sess.run(None, feeds)[0]
+    results = sess.run(None, feeds)
+    return results[0] if outputs is None else results
 
 
 def compare(so, op, inputs, attrs, exact=False, constants=()):
@@ -344,14 +346,6 @@ def check_levels(so, cases, constants=()):
     assert exempt <= 1e-3 * total, f"{exempt} of {total} levels differ at thresholds"
 
 
-def run_ort_y_and_levels(so, inputs, attrs, constants=()):
-    """LutConv with both outputs, Y and its levels Q, in onnxruntime."""
-    model = single_op_model("LutConv", inputs, attrs, constants=constants, outputs=("Y", "Q"))
-    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    feeds = {k: v for k, v in inputs.items() if v is not None and k not in constants}
-    return sess.run(None, feeds)
-
-
 def check_y_and_levels(so, cases, constants=()):
     """LutConv with output Q: Y as LutConv's reference, Q as LutConvQuant's (up to rounding)."""
     failures, exempt, total = [], 0, 0
@@ -359,7 +353,7 @@ def check_y_and_levels(so, cases, constants=()):
         plain = {k: v for k, v in inputs.items() if k not in ("QScale", "QThresholds")}
         y_ref = run_single("LutConv", plain, attrs)
         q_ref = run_single("LutConvQuant", inputs, attrs)
-        y, q = run_ort_y_and_levels(so, inputs, attrs, constants)
+        y, q = run_ort(so, "LutConv", inputs, attrs, constants, outputs=("Y", "Q"))
         err = float(np.abs(y.astype(np.float64) - y_ref).max()) if y.shape == y_ref.shape else 1e9
         bad, near = _level_mismatches(inputs, attrs, q, q_ref) if q.shape == q_ref.shape else (1, 0)
         if err > 1e-5 * max(1.0, float(np.abs(y_ref).max())) or q.dtype != np.uint8 or bad:
@@ -417,7 +411,7 @@ def test_lut_conv_levels_output_and_its_inputs_go_together(so2):
     inputs, attrs = _conv_ok()
     levels = {"QScale": np.array(1.0, np.float32), "QThresholds": np.array([0.5], np.float32)}
     with pytest.raises(ORT_ERRORS, match="output Q needs inputs QScale and QThresholds"):
-        run_ort_y_and_levels(so2, inputs, attrs)
+        run_ort(so2, "LutConv", inputs, attrs, outputs=("Y", "Q"))
     with pytest.raises(ORT_ERRORS, match="QScale and QThresholds need output Q"):
         run_ort(so2, "LutConv", {**inputs, **levels}, attrs)
     for outputs, extra in [(("Y", "Q"), {}), (None, levels)]:  # the reference agrees

@@ -8,9 +8,7 @@ import onnx.helper as oh
 import onnx.numpy_helper
 
 from runtime.reference import run_reference
-from runtime.schema import DOMAIN, OPS_BY_NAME, VERSION
-
-_ELEM = {"uint8": onnx.TensorProto.UINT8, "float": onnx.TensorProto.FLOAT}
+from runtime.schema import DOMAIN, ELEMENT_TYPES, OPS_BY_NAME, VERSION
 
 # Output rank of each op (onnx.checker wants a shape field on graph outputs); dims stay unknown.
 _OUTPUT_RANK = {
@@ -86,7 +84,7 @@ def single_op_model(
         names.pop()
     rank = _OUTPUT_RANK[op_name](inputs, attrs or {})
     graph_outputs = [
-        oh.make_tensor_value_info(p.name, _ELEM[p.dtype], [None] * rank)
+        oh.make_tensor_value_info(p.name, ELEMENT_TYPES[p.dtype], [None] * rank)
         for p in decl.outputs
         if p.name in out_names
     ]
