@@ -257,6 +257,20 @@ __attribute__((target("avx512f"))) inline void StoreLevels(__m512 v, const Level
   }
 }
 
+// Asks for the cache lines of n floats at each of `rows` rows P apart (the residual a tile's
+// epilogue will read), so that they arrive while earlier tiles compute. That epilogue reads a
+// short run of each of up to 32 channel rows, from memory at large batch sizes, which the
+// hardware prefetchers do not follow: ResNet-18's residual-fused 64-channel 56x56 int8 layer at
+// batch 32 took 8.1 ms without this, 6.6 with it, 5.2 without a residual (op profile, 2 threads).
+// (asm: GCC's dead-code pass drops a loop of __builtin_prefetch.)
+inline void PrefetchRows(const float* first, int64_t n, int64_t rows, int64_t P) {
+  for (int64_t l = 0; l < rows; ++l) {
+    const float* r = first + l * P;
+    asm volatile("prefetcht0 %0" : : "m"(*r));
+    asm volatile("prefetcht0 %0" : : "m"(r[n - 1]));
+  }
+}
+
 // Writes a tile [nq][32] (outputs x channels) to NCHW rows through 16 x 16 transposes in
 // registers, with the fused epilogue (+ residual, relu, levels: chosen at compile time), and
 // masked stores.
@@ -592,6 +606,9 @@ void Conv(const Ort::KernelContext& ctx, const ConvShape& s, const uint8_t* x, c
       1, std::min<int64_t>(kChunkQ / s.OW, row_tasks / (2 * static_cast<int64_t>(TaskHint()))));
   const int64_t rchunks = (s.OH + rows_per_task - 1) / rows_per_task;
   const StoreFn store = ChooseStore(f, y != nullptr);
+  // Residual prefetch distance in tiles: about 256 k-steps of sums (one 3x3 tile of 64
+  // channels; several tiles of a 1x1 layer) to cover a memory access.
+  const int64_t ahead = std::clamp<int64_t>(256 / std::max<int64_t>(1, groups * taps), 1, 8);
   auto tile_task = [&](size_t task) {
     const int64_t p = static_cast<int64_t>(task) % npanels;
     const int64_t rest = static_cast<int64_t>(task) / npanels;
@@ -645,14 +662,24 @@ void Conv(const Ort::KernelContext& ctx, const ConvShape& s, const uint8_t* x, c
       }
       return;
     }
+    const int64_t oh0 = rc * rows_per_task, ntiles = (oh_end - oh0) * parts;
     const TileFn* tiles = integer   ? kTilesInt[nb - 1].data()
                           : nb == 2 ? kTilesFloat2.data()
                                     : kTilesFloat1.data();
-    for (int64_t oh = rc * rows_per_task; oh < oh_end; ++oh) {
+    for (int64_t oh = oh0; oh < oh_end; ++oh) {
       for (int64_t part = 0; part < parts; ++part) {
         const int64_t ow0 = starts[part], nq = starts[part + 1] - ow0;
         const int64_t in = image + oh * Wq + ow0;
         a.x = integer ? static_cast<const void*>(qplanes + in * 4) : fplanes + in;
+        if (f.residual) {  // the residual rows of the tile `ahead` tiles on (at a task's start:
+                           // of the tiles before it too)
+          const int64_t t = (oh - oh0) * parts + part;
+          for (int64_t u = t == 0 ? 0 : t + ahead; u <= t + ahead && u < ntiles; ++u) {
+            const int64_t uh = oh0 + u / parts, up = u % parts;
+            PrefetchRows(f.residual + base + uh * s.OW + starts[up], starts[up + 1] - starts[up],
+                         mcount, P);
+          }
+        }
         tiles[nq - 1](a);
         const int64_t at = base + oh * s.OW + ow0;
         const TileOut o{y ? y + at : nullptr, f.residual ? f.residual + at : nullptr,
