@@ -208,7 +208,11 @@ def threshold_cases(seed, count):
     rng = np.random.default_rng(seed)
     cases = []
     for i in range(count):
-        t = int(rng.choice([1, 3, 7, 15, 24, 25, 63, 255])) if i % 5 else int(rng.integers(1, 256))
+        t = (
+            int(rng.choice([1, 2, 3, 4, 7, 8, 15, 24, 63, 255]))
+            if i % 5
+            else int(rng.integers(1, 256))
+        )
         thr = np.sort(rng.normal(size=t)).astype(np.float32)
         if rng.random() < 0.3 and t > 2:  # repeated thresholds
             thr[1] = thr[0]
@@ -292,7 +296,7 @@ def _thresholds_between(rng, v):
     vary, and no value sits on a threshold unless two values are within rounding of each other."""
     vals = np.unique(v.astype(np.float64))
     mids = (vals[:-1] + vals[1:]) / 2 if vals.size > 1 else vals + 1.0
-    t = int(rng.choice([1, 3, 7, 15, 30]))
+    t = int(rng.choice([1, 2, 3, 4, 7, 8, 15, 30]))  # powers of two: the search's first step
     return np.sort(rng.choice(mids, size=t)).astype(np.float32)
 
 

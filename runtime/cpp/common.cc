@@ -16,7 +16,9 @@ Isa SelectIsa() {
   static const Isa cpu = [] {
     __builtin_cpu_init();
     if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma")) return Isa::kScalar;
-    return __builtin_cpu_supports("avx512f") ? Isa::kAvx512 : Isa::kAvx2;
+    const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                        __builtin_cpu_supports("avx512vl");
+    return avx512 ? Isa::kAvx512 : Isa::kAvx2;
   }();
   Isa cap = Isa::kAvx512;
   if (const char* env = std::getenv("ADQ_ISA")) {

@@ -307,7 +307,8 @@ int TaskHint();
 // Instruction sets the kernels dispatch on at run time.
 enum class Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
 
-// The best instruction set of this CPU (AVX2 means AVX2+FMA, AVX512 means AVX-512F too), capped
+// The best instruction set of this CPU (AVX2 means AVX2+FMA, AVX512 means AVX-512F, BW and VL
+// too: every AVX-512 CPU but the Xeon Phi), capped
 // by the environment variable ADQ_ISA=scalar|avx2|avx512 (read when a kernel is created).
 Isa SelectIsa();
 

@@ -8,23 +8,40 @@
 
 namespace adq {
 
-__attribute__((target("avx512f"))) inline __m512i CountLevels16(__m512 v, const Levels& lv) {
-  const __m512 sv = _mm512_mul_ps(_mm512_set1_ps(lv.scale), v);  // one float32 product
+// The per-call part of the count, set up once: the scale, the thresholds in a register table
+// (NaN past T, which no value reaches) and the first step of the binary search over them.
+struct LevelCounter {
+  __m512 scale;
+  __m512 table;
+  int first;  // the largest power of two <= T for T <= 15; 0: a linear count over lv->t
+  const Levels* lv;
+};
+
+__attribute__((target("avx512f"))) inline LevelCounter MakeLevelCounter(const Levels& lv) {
+  LevelCounter c{_mm512_set1_ps(lv.scale), _mm512_loadu_ps(lv.padded), 0, &lv};
+  if (lv.T >= 1 && lv.T <= 15) {
+    c.first = 1;
+    while (2 * c.first <= lv.T) c.first *= 2;
+  }
+  return c;
+}
+
+__attribute__((target("avx512f"))) inline __m512i CountLevels16(__m512 v, const LevelCounter& lc) {
+  const __m512 sv = _mm512_mul_ps(lc.scale, v);  // one float32 product
   const __m512i one = _mm512_set1_epi32(1);
   __m512i c = _mm512_setzero_si512();
-  if (lv.T >= 4 && lv.T <= 15) {
-    // Branch-free binary search in a register table of the thresholds (NaN past T, which no
-    // value reaches): c grows by 8, 4, 2, 1 while t[c + step - 1] <= value.
-    const __m512 table = _mm512_loadu_ps(lv.padded);
-    for (int step = 8; step >= 1; step >>= 1) {
+  if (lc.first) {
+    // Branch-free binary search over the sorted thresholds: c grows by first, ..., 2, 1 while
+    // t[c + step - 1] <= value (t below T; the count is at most T < 2 * first).
+    for (int step = lc.first; step >= 1; step >>= 1) {
       const __m512i cand = _mm512_add_epi32(c, _mm512_set1_epi32(step));
-      const __m512 t = _mm512_permutexvar_ps(_mm512_sub_epi32(cand, one), table);
+      const __m512 t = _mm512_permutexvar_ps(_mm512_sub_epi32(cand, one), lc.table);
       c = _mm512_mask_mov_epi32(c, _mm512_cmp_ps_mask(sv, t, _CMP_GE_OQ), cand);
     }
     return c;
   }
-  for (int k = 0; k < lv.T; ++k) {
-    const __mmask16 ge = _mm512_cmp_ps_mask(sv, _mm512_set1_ps(lv.t[k]), _CMP_GE_OQ);
+  for (int k = 0; k < lc.lv->T; ++k) {
+    const __mmask16 ge = _mm512_cmp_ps_mask(sv, _mm512_set1_ps(lc.lv->t[k]), _CMP_GE_OQ);
     c = _mm512_mask_add_epi32(c, ge, c, one);
   }
   return c;

@@ -40,9 +40,10 @@ __attribute__((target("avx2"))) void CountAvx2(const float* x, int64_t n, float 
 // 16 values at a time (CountLevels16), the tail through CountScalar.
 __attribute__((target("avx512f"))) void CountAvx512(const float* x, int64_t n, const Levels& lv,
                                                     uint8_t* q) {
+  const LevelCounter lc = MakeLevelCounter(lv);
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
-    const __m128i bytes = _mm512_cvtepi32_epi8(CountLevels16(_mm512_loadu_ps(x + i), lv));
+    const __m128i bytes = _mm512_cvtepi32_epi8(CountLevels16(_mm512_loadu_ps(x + i), lc));
     _mm_storeu_si128(reinterpret_cast<__m128i*>(q + i), bytes);
   }
   CountScalar(x + i, n - i, lv.scale, lv.t, lv.T, q + i);
