@@ -100,15 +100,17 @@ def op_names(path: str | os.PathLike | None = None) -> list[str]:
     return lib.AdqOpNames().decode().split(",")
 
 
-def session_options(num_threads: int | None = None) -> ort.SessionOptions:
-    """SessionOptions with the ai.adq ops registered.
+def session_options(
+    num_threads: int | None = None, library: str | os.PathLike | None = None
+) -> ort.SessionOptions:
+    """SessionOptions with the ai.adq ops registered (from ``library``, default the built one).
 
     Also sets ``session.qdq_matmulnbits_accuracy_level=0`` (onnxruntime otherwise fuses
     DequantizeLinear+MatMul into MatMulNBits with int8 activations, breaking exact parity).
     ``num_threads`` sets the intra-op thread count (the ops parallelize on that pool).
     """
     so = ort.SessionOptions()
-    so.register_custom_ops_library(str(get_library_path()))
+    so.register_custom_ops_library(str(library or get_library_path()))
     so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
     if num_threads is not None:
         so.intra_op_num_threads = int(num_threads)
