@@ -1,10 +1,11 @@
-"""Two builds of the ai.adq op library on one model, side by side in one process.
+"""Two builds of the ai.adq op library (or two exports of a model), side by side in one process.
 
-    python benchmarks/ab_library.py MODEL.onnx LIB_A.so LIB_B.so [--batch 1] [--rounds 150]
-        [--calls 3] [--threads 2] [--spin]
+    python benchmarks/ab_library.py MODEL.onnx LIB_A.so LIB_B.so [--model-b MODEL_B.onnx]
+        [--batch 1] [--rounds 150] [--calls 3] [--threads 2] [--spin]
 
 One session per library (a library registers the ai.adq domain per session, so both load in one
-process); each round runs `--calls` calls on each session, A then B on even rounds and B then A
+process; B runs MODEL_B when given, e.g. an export made by another version of the writer);
+each round runs `--calls` calls on each session, A then B on even rounds and B then A
 on odd ones, so that slow and quiet phases of a shared machine fall on both alike. The outputs
 of the two must be bitwise equal (a speed comparison of different numbers says nothing). Prints
 medians and the ratio B / A.
@@ -63,6 +64,11 @@ def interleaved_times(
 @click.option("--calls", default=3, type=click.IntRange(1), help="Calls per session per round.")
 @click.option("--threads", default=2, type=click.IntRange(1))
 @click.option("--spin/--no-spin", default=False, help="Let idle pool threads spin.")
+@click.option(
+    "--model-b",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="The model B runs (default: MODEL).",
+)
 def main(
     model: Path,
     lib_a: Path,
@@ -72,21 +78,27 @@ def main(
     calls: int,
     threads: int,
     spin: bool,
+    model_b: Path | None,
 ) -> None:
-    """Median latency of MODEL with op library LIB_A and with LIB_B, and their ratio."""
-    sessions = [make_session(model, lib, threads, spin) for lib in (lib_a, lib_b)]
+    """Median latency of MODEL with op library LIB_A and with LIB_B (running MODEL_B when
+    given), and their ratio."""
+    runs = [(model, lib_a), (model_b or model, lib_b)]
+    sessions = [make_session(m, lib, threads, spin) for m, lib in runs]
     inp = sessions[0].get_inputs()[0]
     shape = [batch, *[d if isinstance(d, int) else 1 for d in inp.shape[1:]]]
     feeds = {inp.name: np.random.default_rng(0).standard_normal(shape).astype(np.float32)}
     outs = [s.run(None, feeds) for s in sessions]
     for a, b in zip(*outs, strict=True):
         if not np.array_equal(a, b, equal_nan=True):
-            raise click.ClickException("the two libraries give different outputs")
+            raise click.ClickException("A and B give different outputs")
     times = interleaved_times(sessions, feeds, rounds, calls)
     medians = [float(np.median(t)) * 1e3 for t in times]
-    for lib, t, med in zip((lib_a, lib_b), times, medians, strict=True):
+    for label, (m, lib), t, med in zip("AB", runs, times, medians, strict=True):
         p25, p75 = (float(np.percentile(t, q)) * 1e3 for q in (25, 75))
-        click.echo(f"{lib}: median {med:.3f} ms (p25 {p25:.3f}, p75 {p75:.3f}, {len(t)} calls)")
+        click.echo(
+            f"{label} {m.name} + {lib}: median {med:.3f} ms "
+            f"(p25 {p25:.3f}, p75 {p75:.3f}, {len(t)} calls)"
+        )
     click.echo(f"B / A = {medians[1] / medians[0]:.3f} (batch {batch}, {threads} threads)")
 
 

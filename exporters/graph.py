@@ -319,6 +319,72 @@ def remove_unused(graph: onnx.GraphProto) -> None:
         graph.initializer.remove(init)
 
 
+# Ops whose output is not a function of their inputs' values (not folded).
+NOT_FOLDABLE = {
+    "RandomNormal",
+    "RandomNormalLike",
+    "RandomUniform",
+    "RandomUniformLike",
+    "Multinomial",
+    "Bernoulli",
+    "If",
+    "Loop",
+    "Scan",
+}
+FOLD_MAX_ELEMENTS = 1 << 16  # a folded value is stored in the file: only small ones
+
+
+def fold_constants(model: onnx.ModelProto) -> int:
+    """Replace standard-domain nodes whose inputs are all constant (initializers, outputs of
+    such nodes) by initializers of their values, computed by ``onnx.reference``; values of
+    more than FOLD_MAX_ELEMENTS elements are left to be computed. Returns the nodes removed.
+
+    onnxsim does this for the standard formats; it cannot run the ai.adq ops, so the adq format
+    does it here. The TorchScript exporter computes e.g. the pads of ``F.pad`` from a chain of
+    Constant, ConstantOfShape, Concat, Reshape, Slice, Transpose, Cast nodes: once the pads are an
+    initializer, shape inference knows the Pad's output shape (the fusion pass needs it)."""
+    from onnx.reference import ReferenceEvaluator
+
+    graph = model.graph
+    values = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    folded: list[onnx.NodeProto] = []
+    for node in graph.node:
+        if (
+            node.domain not in STANDARD_DOMAINS
+            or node.op_type in NOT_FOLDABLE
+            or any(i and i not in values for i in node.input)
+        ):
+            continue
+        single = helper.make_model(
+            helper.make_graph(
+                [node],
+                "fold",
+                [],
+                [helper.make_value_info(o, onnx.TypeProto()) for o in node.output],
+                [numpy_helper.from_array(values[i], i) for i in dict.fromkeys(node.input) if i],
+            ),
+            opset_imports=list(model.opset_import),
+        )
+        results = ReferenceEvaluator(single).run(None, {})
+        arrays = [np.asarray(r) for r in results]
+        if any(a.size > FOLD_MAX_ELEMENTS or a.dtype == object for a in arrays):
+            continue
+        values.update(zip(node.output, arrays, strict=True))
+        folded.append(node)
+    if not folded:
+        return 0
+    for node in folded:
+        graph.node.remove(node)
+    read = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    have = {i.name for i in graph.initializer}
+    for node in folded:
+        for name in node.output:
+            if name in read and name not in have:
+                graph.initializer.append(numpy_helper.from_array(values[name], name))
+    remove_unused(graph)
+    return len(folded)
+
+
 def add_initializer(graph: onnx.GraphProto, name: str, array: np.ndarray) -> str:
     """Add (or replace) an initializer; returns its name."""
     for init in [i for i in graph.initializer if i.name == name]:

@@ -29,7 +29,7 @@ from onnx import helper
 from runtime.packing import pack_rows
 
 from .fold import FoldedLayer, FoldedModel
-from .graph import drop_relu_before_thresholds, fuse_lut_conv
+from .graph import drop_relu_before_thresholds, fold_constants, fuse_lut_conv
 from .skeleton import DOMAIN
 from .write_int8 import snapped, snapping_report
 from .writer import affine_nodes, init, replace_placeholders, set_metadata, set_opsets
@@ -112,8 +112,9 @@ def write_adq(folded: FoldedModel, int_codebooks: bool = False) -> onnx.ModelPro
     model = replace_placeholders(folded, partial(emit_adq, int_codebooks=int_codebooks))
     drop_relu_before_thresholds(model.graph, DOMAIN)
     set_opsets(model, OPSET, adq_domain=True)  # shape inference in the fusion reads the opsets
+    constants = fold_constants(model)  # what onnxsim does for the other formats
     fused = fuse_lut_conv(model, DOMAIN)
-    log.debug("adq fusion: %s", fused)
+    log.debug("adq: %d constant nodes folded; fusion: %s", constants, fused)
     extra: dict = {"code_packing": "row-aligned, LSB-first bit stream"}
     if int_codebooks:
         extra.update(int_codebooks="true", snapping=snapping_report(folded))

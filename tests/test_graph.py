@@ -12,7 +12,14 @@ import onnx.helper as oh
 import pytest
 from onnx import TensorProto, numpy_helper
 
-from exporters.graph import Fusions, drop_relu_before_thresholds, fuse_lut_conv, known_shapes
+from exporters.graph import (
+    FOLD_MAX_ELEMENTS,
+    Fusions,
+    drop_relu_before_thresholds,
+    fold_constants,
+    fuse_lut_conv,
+    known_shapes,
+)
 from runtime.packing import pack_rows
 from runtime.reference import run_reference
 from runtime.schema import DOMAIN, VERSION, register_onnx_schemas
@@ -392,6 +399,89 @@ def test_lut_conv_with_levels_output_is_left_alone():
     lut.output.append("q")
     counts, after, *_ = fused(model)
     assert counts == Fusions(0, 0, 0) and after.graph.node[0] == lut
+
+
+def _const(name, values, dtype=np.int64):
+    return oh.make_node(
+        "Constant", [], [name], value=numpy_helper.from_array(np.array(values, dtype))
+    )
+
+
+# The pads of a zero-padding shortcut (ResNet-20's option A, F.pad over channels) as the
+# TorchScript exporter computes them: [0, 0, 0, 0, 1, 1] -> ONNX order [0, 1, 0, 0, 0, 1, 0, 0].
+PAD_CHAIN = [
+    _const("p6", [0, 0, 0, 0, 1, 1]),
+    _const("two", [2]),
+    oh.make_node(
+        "ConstantOfShape", ["two"], ["zeros"], value=numpy_helper.from_array(np.zeros(1, np.int64))
+    ),
+    oh.make_node("Concat", ["p6", "zeros"], ["p8"], axis=0),
+    _const("pairs", [-1, 2]),
+    oh.make_node("Reshape", ["p8", "pairs"], ["p42"]),
+    _const("start", [-1]),
+    _const("end", [-(2**63)]),
+    _const("axis", [0]),
+    _const("step", [-1]),
+    oh.make_node("Slice", ["p42", "start", "end", "axis", "step"], ["rev"]),
+    oh.make_node("Transpose", ["rev"], ["cols"], perm=[1, 0]),
+    _const("flat", [-1]),
+    oh.make_node("Reshape", ["cols", "flat"], ["pads64"]),
+    oh.make_node("Cast", ["pads64"], ["pads"], to=TensorProto.INT64),
+    oh.make_node("Pad", ["short", "pads"], ["r"]),
+]
+
+
+def test_folded_pad_shortcut_lets_the_add_fuse():
+    """The zero-padding shortcut: while its pads are computed, shape inference cannot tell the
+    Pad's output shape and the Add stays; fold_constants turns the chain into one initializer,
+    and the Add and Relu fuse. The outputs never change."""
+    tail = [
+        *PAD_CHAIN,
+        oh.make_node("Add", ["y", "r"], ["z"]),
+        oh.make_node("Relu", ["z"], ["out"]),
+    ]
+    model = lut_conv_model(tail, [("short", [N, 1, H, H])])
+    counts, _, before, _ = fused(model)
+    assert counts == Fusions(0, 0, 0)
+
+    folded = copy.deepcopy(model)
+    assert fold_constants(folded) == len(PAD_CHAIN) - 1  # all but the Pad
+    assert ops(folded) == ["LutConv", "Pad", "Add", "Relu"]
+    pads = {i.name: numpy_helper.to_array(i) for i in folded.graph.initializer}["pads"]
+    np.testing.assert_array_equal(pads, [0, 1, 0, 0, 0, 1, 0, 0])
+    counts, after, unfused, now = fused(folded)
+    assert counts == Fusions(residual_adds=1, relus=1, threshold_quants=0)
+    assert sorted(ops(after)) == ["LutConv", "Pad"]
+    assert_same(before, unfused)
+    assert_same(before, now)
+
+
+def test_fold_constants_leaves_large_values_and_runtime_inputs():
+    big = int(FOLD_MAX_ELEMENTS) + 1
+    nodes = [
+        _const("n", [big]),
+        oh.make_node(
+            "ConstantOfShape",
+            ["n"],
+            ["ones"],
+            value=numpy_helper.from_array(np.ones(1, np.float32)),
+        ),
+        oh.make_node("ReduceSum", ["ones"], ["total"], keepdims=0),
+        oh.make_node("Mul", ["x", "total"], ["out"]),
+    ]
+    graph = oh.make_graph(
+        nodes,
+        "g",
+        [oh.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+        [oh.make_tensor_value_info("out", TensorProto.FLOAT, [2])],
+    )
+    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 20)])
+    x = {"x": np.array([1.0, -2.0], np.float32)}
+    expected = run_reference(model, x)
+    assert fold_constants(model) == 1  # the Constant only: the rest is too large or reads x
+    assert ops(model) == ["ConstantOfShape", "ReduceSum", "Mul"]
+    np.testing.assert_array_equal(run_reference(model, x)[0], expected[0])
+    np.testing.assert_array_equal(expected[0], [big, -2.0 * big])
 
 
 def test_known_shapes_see_through_adq_ops():

@@ -170,13 +170,13 @@ def unfused_model(name, monkeypatch, int_codebooks=False):
 # output Q for the 7 block outputs the next block reads (as residual and through conv1's
 # quantizer; a downsampling block reads one through two quantizers, conv1's and the shortcut's,
 # which differ: one becomes Q, the other stays; the last block's, read by the pooling, has none);
-# resnet20: the 7 blocks whose shortcut is no Pad (zero padding: shape unknown to inference),
-# output Q for those blocks' outputs but the last's (6: the next block's conv1 quantizes them,
-# its shortcut reads them as float);
+# resnet20: every block's Add and Relu (the zero-padding shortcuts' Pad gets constant pads from
+# fold_constants, so shape inference knows its output), output Q for every block output but the
+# last's (8: the next block's conv1 quantizes it, its shortcut reads it as float);
 # small_cnn: its convs are read by quantizers only; test_model: see ExportTestNet.forward.
 FUSIONS = {
     "resnet18": Fusions(8, 5, 8, 7),
-    "resnet20": Fusions(7, 7, 9, 6),
+    "resnet20": Fusions(9, 9, 9, 8),
     "small_cnn": Fusions(0, 1, 3, 0),
     "test_model": Fusions(1, 3, 2, 1),
 }
@@ -196,11 +196,14 @@ def test_fusion_pass_leaves_nothing_fusable(name, monkeypatch):
     assert len([n for n in fused if n.input[5]]) == FUSIONS[name].residual_adds
     producer = {o: n.op_type for n in nodes for o in n.output}
     after_lut = [n for n in nodes if n.input and producer.get(n.input[0], "").startswith("Lut")]
-    if name == "resnet20":  # the Adds left are the zero-padding shortcuts'
-        assert {producer[i] for n in nodes if n.op_type == "Add" for i in n.input} == {
-            "LutConv",
-            "Pad",
-        }
+    if name == "resnet20":  # the zero-padding shortcuts are Residual inputs, their pads constant
+        pads = [n for n in nodes if n.op_type == "Pad"]
+        consumers = {r.op_type for p in pads for r in nodes if p.output[0] in r.input}
+        assert len(pads) == 2 and consumers == {"LutConv"}
+        assert all(p.input[1] in {i.name for i in model.graph.initializer} for p in pads)
+    assert not [n for n in nodes if n.op_type == "Constant"]  # folded into initializers
+    if name.startswith("resnet"):
+        assert not [n for n in nodes if n.op_type == "Add"]
     if name == "resnet18":
         assert not [n for n in after_lut if n.op_type in ("Add", "Relu")]
         # the quantizers left: the max-pool output's, and one per downsampling block
