@@ -35,12 +35,16 @@ std::string Str(const A&... parts) {
   return os.str();
 }
 
-inline std::string ShapeStr(const Shape& s) {
-  std::ostringstream os;
+// A shape in a message, written "[1, 2]" only when the message is built: Check's arguments are
+// evaluated on every call, and a string built there cost a string stream per input per Compute.
+struct ShapeStr {
+  explicit ShapeStr(const Shape& shape) : s(shape) {}
+  const Shape& s;  // the arguments of one Check call live until it returns
+};
+inline std::ostream& operator<<(std::ostream& os, const ShapeStr& v) {
   os << '[';
-  for (size_t i = 0; i < s.size(); ++i) os << (i ? ", " : "") << s[i];
-  os << ']';
-  return os.str();
+  for (size_t i = 0; i < v.s.size(); ++i) os << (i ? ", " : "") << v.s[i];
+  return os << ']';
 }
 
 [[noreturn]] inline void Fail(const std::string& msg) {
