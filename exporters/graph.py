@@ -346,13 +346,18 @@ def fold_constants(model: onnx.ModelProto) -> int:
     from onnx.reference import ReferenceEvaluator
 
     graph = model.graph
-    values = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    inits = {i.name: i for i in graph.initializer}
+    values: dict[str, np.ndarray] = {}  # the folded nodes' outputs
+
+    def constant(name: str) -> onnx.TensorProto:
+        return inits[name] if name in inits else numpy_helper.from_array(values[name], name)
+
     folded: list[onnx.NodeProto] = []
     for node in graph.node:
         if (
             node.domain not in STANDARD_DOMAINS
             or node.op_type in NOT_FOLDABLE
-            or any(i and i not in values for i in node.input)
+            or any(i and i not in inits and i not in values for i in node.input)
         ):
             continue
         single = helper.make_model(
@@ -361,12 +366,14 @@ def fold_constants(model: onnx.ModelProto) -> int:
                 "fold",
                 [],
                 [helper.make_value_info(o, onnx.TypeProto()) for o in node.output],
-                [numpy_helper.from_array(values[i], i) for i in dict.fromkeys(node.input) if i],
+                [constant(i) for i in dict.fromkeys(node.input) if i],
             ),
             opset_imports=list(model.opset_import),
         )
-        results = ReferenceEvaluator(single).run(None, {})
-        arrays = [np.asarray(r) for r in results]
+        try:
+            arrays = [np.asarray(r) for r in ReferenceEvaluator(single).run(None, {})]
+        except Exception:  # an op or case the reference does not run: left to the runtime
+            continue
         if any(a.size > FOLD_MAX_ELEMENTS or a.dtype == object for a in arrays):
             continue
         values.update(zip(node.output, arrays, strict=True))
@@ -376,10 +383,9 @@ def fold_constants(model: onnx.ModelProto) -> int:
     for node in folded:
         graph.node.remove(node)
     read = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
-    have = {i.name for i in graph.initializer}
     for node in folded:
         for name in node.output:
-            if name in read and name not in have:
+            if name in read and name not in inits:
                 graph.initializer.append(numpy_helper.from_array(values[name], name))
     remove_unused(graph)
     return len(folded)
