@@ -455,6 +455,50 @@ def test_lut_conv_batch_in_chunks_matches_reference(so2):
         check_levels(so2, [(quant, attrs)], constants=("Codes", "Codebook"))
 
 
+def pixel_lane_cases(seed, count):
+    """Layers the int8 kernel runs in pixel-lane tiles (few channels: at most 72 channel quads x
+    taps; rows of the padded grid at least 16 wide, at most 1/8 of it unused): 1x1 and 3x3,
+    strides 1 and 2, channel counts not a multiple of 4 and output channels not of 8, batches
+    of 1-3, a Residual in half, relu 0/1; Y, and thresholds for the levels."""
+    rng = np.random.default_rng(seed)
+    cases = []
+    for i in range(count):
+        k, stride = [(3, 1), (3, 2), (1, 1), (1, 2)][i % 4]
+        c = int(rng.choice([3, 8, 13, 16, 29, 32]))
+        m = int(rng.choice([5, 8, 13, 16, 24, 33]))
+        n, h, w = int(rng.integers(1, 4)), int(rng.integers(3, 10)), int(rng.integers(16, 49))
+        bits = int(rng.choice([2, 3, 4]))
+        packed, codebook = _codes(rng, bits, m, c * k * k, integer=True)
+        scale, bias = _affine(rng, m)
+        attrs = {
+            "bits": bits,
+            "kernel_shape": [k, k],
+            "strides": [stride] * 2,
+            "pads": [k // 2] * 4,
+        }
+        inputs = {"X": _levels(rng, (n, c, h, w)), "Codes": packed, "Codebook": codebook}
+        inputs.update(Scale=scale, Bias=bias)
+        attrs["relu"] = int(rng.integers(0, 2))
+        y = run_single("LutConv", {**inputs, "Residual": None}, attrs)
+        inputs["Residual"] = None
+        if i % 2:
+            spread = float(np.abs(y).max()) or 1.0
+            inputs["Residual"] = (rng.normal(size=y.shape) * spread).astype(np.float32)
+        thr = _thresholds_between(rng, run_single("LutConv", inputs, attrs))
+        levels = {"QScale": np.array(1.0, np.float32), "QThresholds": thr}
+        cases.append((inputs, levels, attrs))
+    return cases
+
+
+def test_lut_conv_pixel_lane_tiles_match_reference(so2):
+    cases = pixel_lane_cases(seed=28, count=48)
+    plain = [(inputs, attrs) for inputs, _, attrs in cases]
+    with_levels = [({**inputs, **levels}, attrs) for inputs, levels, attrs in cases]
+    check_cases(so2, "LutConv", plain, constants=("Codes", "Codebook"))
+    check_levels(so2, with_levels, constants=("Codes", "Codebook"))
+    check_y_and_levels(so2, with_levels[:24])
+
+
 def test_lut_conv_constant_codes_run_twice(so2):
     """The cached repacking gives the same result on later runs and other inputs."""
     (inputs, attrs), (other, _) = conv_cases(seed=6, count=2)
