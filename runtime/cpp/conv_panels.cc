@@ -372,6 +372,11 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void StoreTile(const float*
 
 using StoreFn = void (*)(const float*, int64_t, int64_t, const TileOut&, int64_t);
 
+// An epilogue as an index into the tables of store instances <RES, RELU, FLOATS, QUANT>.
+inline int EpilogueIndex(const Fused& f, bool floats) {
+  return (f.residual ? 8 : 0) + (f.relu ? 4 : 0) + (floats ? 2 : 0) + (f.q ? 1 : 0);
+}
+
 // The StoreTile for an epilogue (writing floats, levels or both).
 template <size_t... I>
 constexpr std::array<StoreFn, sizeof...(I)> Stores(std::index_sequence<I...>) {
@@ -379,7 +384,7 @@ constexpr std::array<StoreFn, sizeof...(I)> Stores(std::index_sequence<I...>) {
 }
 StoreFn ChooseStore(const Fused& f, bool floats) {
   static constexpr auto kStores = Stores(std::make_index_sequence<16>{});
-  return kStores[(f.residual ? 8 : 0) + (f.relu ? 4 : 0) + (floats ? 2 : 0) + (f.q ? 1 : 0)];
+  return kStores[EpilogueIndex(f, floats)];
 }
 
 // Where each vector of a pixel-lane tile goes: its lanes in mask1 to flat index base1 + lane of
@@ -455,7 +460,7 @@ constexpr std::array<PixStoreFn, sizeof...(I)> PixStores(std::index_sequence<I..
 }
 PixStoreFn ChoosePixStore(const Fused& f, bool floats) {
   static constexpr auto kStores = PixStores(std::make_index_sequence<16>{});
-  return kStores[(f.residual ? 8 : 0) + (f.relu ? 4 : 0) + (floats ? 2 : 0) + (f.q ? 1 : 0)];
+  return kStores[EpilogueIndex(f, floats)];
 }
 
 template <bool WIDE, size_t... Q>
