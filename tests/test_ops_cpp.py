@@ -499,6 +499,27 @@ def test_lut_conv_pixel_lane_tiles_match_reference(so2):
     check_y_and_levels(so2, with_levels[:24])
 
 
+def test_lut_conv_pixel_lane_tiles_in_batch_chunks(so2):
+    """A layer of the pixel-lane tiles (32 channels, 3x3) over 40 images: 3 batch chunks of 18
+    (at least 2^28 multiply-adds each), with residual, relu and levels."""
+    rng = np.random.default_rng(29)
+    c, m = 32, 29
+    inputs = {
+        "X": rng.integers(0, 4, (40, c, 40, 40), dtype=np.uint8),
+        "Codes": pack_rows(rng.integers(0, 8, size=(m, c * 9)), 3),
+        "Codebook": np.arange(-4, 4).astype(np.float32),
+        "Scale": rng.uniform(0.1, 1, m).astype(np.float32),
+        "Bias": rng.normal(size=m).astype(np.float32),
+    }
+    attrs = {"bits": 3, "kernel_shape": [3, 3], "pads": [1, 1, 1, 1], "relu": 1}
+    z = run_single("LutConv", inputs, attrs)
+    inputs["Residual"] = rng.normal(size=z.shape).astype(np.float32)
+    check_cases(so2, "LutConv", [(inputs, attrs)], constants=("Codes", "Codebook"))
+    thr = _thresholds_between(rng, run_single("LutConv", inputs, attrs))
+    quant = {**inputs, "QScale": np.array(1.0, np.float32), "QThresholds": thr}
+    check_levels(so2, [(quant, attrs)], constants=("Codes", "Codebook"))
+
+
 def test_lut_conv_constant_codes_run_twice(so2):
     """The cached repacking gives the same result on later runs and other inputs."""
     (inputs, attrs), (other, _) = conv_cases(seed=6, count=2)
