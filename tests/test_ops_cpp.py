@@ -435,6 +435,17 @@ def test_lut_conv_quant_on_wide_strided_rows(so2):
     check_levels(so2, cases, constants=("Codes", "Codebook"))
 
 
+def check_with_residual_and_levels(so, rng, inputs, attrs):
+    """The layer with a random Residual: Y against the reference, then its levels for
+    thresholds between the output values."""
+    z = run_single("LutConv", inputs, attrs)
+    inputs = {**inputs, "Residual": rng.normal(size=z.shape).astype(np.float32)}
+    check_cases(so, "LutConv", [(inputs, attrs)], constants=("Codes", "Codebook"))
+    thr = _thresholds_between(rng, run_single("LutConv", inputs, attrs))
+    quant = {**inputs, "QScale": np.array(1.0, np.float32), "QThresholds": thr}
+    check_levels(so, [(quant, attrs)], constants=("Codes", "Codebook"))
+
+
 def test_lut_conv_batch_in_chunks_matches_reference(so2):
     """Large batches run in chunks of images (planes of about 512 KB, at least 2^28
     multiply-adds): this layer's chunks hold 4 images, so 9 images make 3 chunks."""
@@ -447,12 +458,7 @@ def test_lut_conv_batch_in_chunks_matches_reference(so2):
         inputs = {"X": _levels(rng, (9, 64, 40, 40)), "Codes": packed, "Codebook": codebook}
         inputs.update(Scale=scale, Bias=bias)
         attrs = {"bits": 3, "kernel_shape": [3, 3], "pads": [1, 1, 1, 1], "relu": int(integer)}
-        z = run_single("LutConv", inputs, attrs)
-        inputs["Residual"] = rng.normal(size=z.shape).astype(np.float32)
-        check_cases(so2, "LutConv", [(inputs, attrs)], constants=("Codes", "Codebook"))
-        thr = _thresholds_between(rng, run_single("LutConv", inputs, attrs))
-        quant = {**inputs, "QScale": np.array(1.0, np.float32), "QThresholds": thr}
-        check_levels(so2, [(quant, attrs)], constants=("Codes", "Codebook"))
+        check_with_residual_and_levels(so2, rng, inputs, attrs)
 
 
 def pixel_lane_cases(seed, count):
@@ -512,12 +518,7 @@ def test_lut_conv_pixel_lane_tiles_in_batch_chunks(so2):
         "Bias": rng.normal(size=m).astype(np.float32),
     }
     attrs = {"bits": 3, "kernel_shape": [3, 3], "pads": [1, 1, 1, 1], "relu": 1}
-    z = run_single("LutConv", inputs, attrs)
-    inputs["Residual"] = rng.normal(size=z.shape).astype(np.float32)
-    check_cases(so2, "LutConv", [(inputs, attrs)], constants=("Codes", "Codebook"))
-    thr = _thresholds_between(rng, run_single("LutConv", inputs, attrs))
-    quant = {**inputs, "QScale": np.array(1.0, np.float32), "QThresholds": thr}
-    check_levels(so2, [(quant, attrs)], constants=("Codes", "Codebook"))
+    check_with_residual_and_levels(so2, rng, inputs, attrs)
 
 
 def test_lut_conv_constant_codes_run_twice(so2):
