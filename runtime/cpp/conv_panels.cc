@@ -471,9 +471,11 @@ constexpr std::array<TileFn, kMaxQAvx2> kTilesAvx2[2] = {
     TilesAvx2<false>(std::make_index_sequence<kMaxQAvx2>{}),
     TilesAvx2<true>(std::make_index_sequence<kMaxQAvx2>{})};
 
+// What the int8 kernels use: VNNI sums, BW byte shuffles, VL masked 128-bit loads and stores.
 bool HasVnni() {
   static const bool has = __builtin_cpu_supports("avx512f") &&
                           __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl") &&
                           __builtin_cpu_supports("avx512vnni");
   return has;
 }
