@@ -313,6 +313,12 @@ struct TileOut {
   const Levels* levels;
 };
 
+// The outputs of epilogue f (and float output y, or nullptr) from flat index `at` on.
+inline TileOut OutputsAt(const Fused& f, float* y, int64_t at) {
+  return {y ? y + at : nullptr, f.residual ? f.residual + at : nullptr, f.q ? f.q + at : nullptr,
+          &f.levels};
+}
+
 // Levels #{k : scale * v >= t[k]} of the first n lanes of v, stored as bytes (NaN: 0).
 __attribute__((target("avx512f,avx512bw,avx512vl"))) inline void StoreLevels(
     __m512 v, const LevelCounter& lc, int64_t n, uint8_t* q) {
@@ -395,26 +401,16 @@ struct PixVec {
   __mmask16 mask1, mask2;
 };
 
-// Asks for the residual lines of vectors [v0, v1) of mcount channels (rows P apart) ahead of
-// their epilogue, as PrefetchRows does for the channel-lane tiles (a 56x56 layer at batch 32,
-// run in these tiles, took 1.2x as long without it).
-// (asm: GCC's dead-code pass drops a loop of __builtin_prefetch.)
+// PrefetchRows for the residual of vectors [v0, v1) of a pixel-lane tile (each vector's one or
+// two row segments): a 56x56 layer at batch 32, run in these tiles, took 1.2x as long without.
 inline void PrefetchResidual(const float* residual, const PixVec* vec, int64_t v0, int64_t v1,
                              int64_t mcount, int64_t P) {
-  auto line = [](const float* p) { asm volatile("prefetcht0 %0" : : "m"(*p)); };
   for (int64_t v = v0; v < v1; ++v) {
     const PixVec& pv = vec[v];
-    const int n1 = __builtin_popcount(pv.mask1), lo2 = pv.mask2 ? __builtin_ctz(pv.mask2) : 0;
-    for (int64_t l = 0; l < mcount; ++l) {
-      const float* row = residual + l * P;
-      if (n1) {
-        line(row + pv.base1);
-        line(row + pv.base1 + n1 - 1);
-      }
-      if (pv.mask2) {
-        line(row + pv.base2 + lo2);
-        line(row + pv.base2 + 15 - __builtin_clz(static_cast<unsigned>(pv.mask2)) + 16);
-      }
+    if (pv.mask1) PrefetchRows(residual + pv.base1, __builtin_popcount(pv.mask1), mcount, P);
+    if (pv.mask2) {
+      PrefetchRows(residual + pv.base2 + __builtin_ctz(pv.mask2), __builtin_popcount(pv.mask2),
+                   mcount, P);
     }
   }
 }
@@ -840,10 +836,7 @@ void Conv(const Ort::KernelContext& ctx, const ConvShape& s, const uint8_t* x, c
           }
         }
         tiles[nq - 1](a);
-        const int64_t at = base + oh * s.OW + ow0;
-        const TileOut o{y ? y + at : nullptr, f.residual ? f.residual + at : nullptr,
-                        f.q ? f.q + at : nullptr, &f.levels};
-        store(tile, nq, mcount, o, P);
+        store(tile, nq, mcount, OutputsAt(f, y, base + oh * s.OW + ow0), P);
       }
     }
   };
@@ -894,9 +887,7 @@ void Conv(const Ort::KernelContext& ctx, const ConvShape& s, const uint8_t* x, c
     a.scale = sb.data() + p * 4 * kLanes + (o % 4) * kPixChannels;
     a.bias = a.scale + 2 * kLanes;
     a.out = tile;
-    const int64_t at = (n * s.M + m0) * P;
-    const TileOut out{y ? y + at : nullptr, f.residual ? f.residual + at : nullptr,
-                      f.q ? f.q + at : nullptr, &f.levels};
+    const TileOut out = OutputsAt(f, y, (n * s.M + m0) * P);
     const int64_t v1 = std::min(V, (vc + 1) * vper);
     if (f.residual) {
       PrefetchResidual(out.residual, vecs.data(), vc * vper, std::min(v1, vc * vper + kMaxV),
