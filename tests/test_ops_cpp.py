@@ -300,12 +300,11 @@ def _thresholds_between(rng, v):
     return np.sort(rng.choice(mids, size=t)).astype(np.float32)
 
 
-def fused_cases(seed, count, quant):
-    """conv_cases with the fused epilogue: a Residual (in about half), relu 0/1, and for
-    LutConvQuant QScale and thresholds placed at quantiles of the float output (levels vary)."""
-    rng = np.random.default_rng(seed + 1000)
-    cases = []
-    for inputs, attrs in conv_cases(seed, count, big_every=25):
+def with_epilogue(rng, cases, quant):
+    """The (inputs, attrs) cases with the fused epilogue: a Residual (in about half), relu 0/1,
+    and with ``quant`` QScale and thresholds placed between output values (levels vary)."""
+    out = []
+    for inputs, attrs in cases:
         y = run_single("LutConv", inputs, attrs)
         inputs = {**inputs, "Residual": None}
         if rng.random() < 0.5:
@@ -317,16 +316,25 @@ def fused_cases(seed, count, quant):
             thr = _thresholds_between(rng, qscale * run_single("LutConv", inputs, attrs))
             inputs["QScale"] = np.array(qscale if rng.random() < 0.5 else [qscale], np.float32)
             inputs["QThresholds"] = thr
-        cases.append((inputs, attrs))
-    return cases
+        out.append((inputs, attrs))
+    return out
+
+
+def fused_cases(seed, count, quant):
+    """conv_cases with the fused epilogue (with_epilogue)."""
+    return with_epilogue(np.random.default_rng(seed + 1000), conv_cases(seed, count, 25), quant)
+
+
+def without_levels(inputs):
+    """The inputs without QScale and QThresholds (LutConv writing Y only)."""
+    return {k: v for k, v in inputs.items() if k not in ("QScale", "QThresholds")}
 
 
 def _level_mismatches(inputs, attrs, got, ref):
     """(levels that differ beyond threshold rounding, levels that differ within it): the float
     output may differ from the reference's by a few ulps, so a level may differ by at most the
     number of thresholds within rounding of its value."""
-    plain = {k: v for k, v in inputs.items() if k not in ("QScale", "QThresholds")}
-    z = run_single("LutConv", plain, attrs).astype(np.float64)
+    z = run_single("LutConv", without_levels(inputs), attrs).astype(np.float64)
     v = np.float64(inputs["QScale"].reshape(())) * z
     tol = 2e-5 * max(1.0, float(np.abs(v).max()))
     near = (np.abs(v[..., None] - inputs["QThresholds"].astype(np.float64)) <= tol).sum(-1)
@@ -354,8 +362,7 @@ def check_y_and_levels(so, cases, constants=()):
     """LutConv with output Q: Y as LutConv's reference, Q as LutConvQuant's (up to rounding)."""
     failures, exempt, total = [], 0, 0
     for inputs, attrs in cases:
-        plain = {k: v for k, v in inputs.items() if k not in ("QScale", "QThresholds")}
-        y_ref = run_single("LutConv", plain, attrs)
+        y_ref = run_single("LutConv", without_levels(inputs), attrs)
         q_ref = run_single("LutConvQuant", inputs, attrs)
         y, q = run_ort(so, "LutConv", inputs, attrs, constants, outputs=("Y", "Q"))
         err = float(np.abs(y.astype(np.float64) - y_ref).max()) if y.shape == y_ref.shape else 1e9
@@ -396,8 +403,7 @@ def test_lut_conv_quant_exact_ties(so2):
         inputs["QScale"] = np.array(1.0, np.float32)
         inputs["QThresholds"] = np.array([-3, 0, 0, 1, 2, 5], np.float32)
         ref = run_single("LutConvQuant", inputs, attrs)
-        plain = {k: v for k, v in inputs.items() if not k.startswith("Q")}
-        y = run_single("LutConv", plain, attrs)
+        y = run_single("LutConv", without_levels(inputs), attrs)
         assert np.isin(y, inputs["QThresholds"]).mean() > 0.1  # ties do occur
         for constants in ((), ("Codes", "Codebook")):
             got = run_ort(so2, "LutConvQuant", inputs, attrs, constants)
@@ -424,14 +430,7 @@ def test_lut_conv_levels_output_and_its_inputs_go_together(so2):
 
 
 def test_lut_conv_quant_on_wide_strided_rows(so2):
-    rng = np.random.default_rng(23)
-    cases = []
-    for i, (inputs, attrs) in enumerate(wide_strided_cases(seed=24, count=40)):
-        attrs = {**attrs, "relu": int(rng.integers(0, 2))}
-        shape = run_single("LutConv", inputs, attrs).shape
-        inputs["Residual"] = rng.normal(size=shape).astype(np.float32) if i % 2 else None
-        thr = _thresholds_between(rng, run_single("LutConv", inputs, attrs))
-        cases.append(({**inputs, "QScale": np.array(1.0, np.float32), "QThresholds": thr}, attrs))
+    cases = with_epilogue(np.random.default_rng(23), wide_strided_cases(seed=24, count=40), True)
     check_levels(so2, cases, constants=("Codes", "Codebook"))
 
 
@@ -465,7 +464,7 @@ def pixel_lane_cases(seed, count):
     """Layers the int8 kernel runs in pixel-lane tiles (few channels: at most 72 channel quads x
     taps; rows of the padded grid at least 16 wide, at most 1/8 of it unused): 1x1 and 3x3,
     strides 1 and 2, channel counts not a multiple of 4 and output channels not of 8, batches
-    of 1-3, a Residual in half, relu 0/1; Y, and thresholds for the levels."""
+    of 1-3."""
     rng = np.random.default_rng(seed)
     cases = []
     for i in range(count):
@@ -483,26 +482,17 @@ def pixel_lane_cases(seed, count):
             "pads": [k // 2] * 4,
         }
         inputs = {"X": _levels(rng, (n, c, h, w)), "Codes": packed, "Codebook": codebook}
-        inputs.update(Scale=scale, Bias=bias)
-        attrs["relu"] = int(rng.integers(0, 2))
-        y = run_single("LutConv", {**inputs, "Residual": None}, attrs)
-        inputs["Residual"] = None
-        if i % 2:
-            spread = float(np.abs(y).max()) or 1.0
-            inputs["Residual"] = (rng.normal(size=y.shape) * spread).astype(np.float32)
-        thr = _thresholds_between(rng, run_single("LutConv", inputs, attrs))
-        levels = {"QScale": np.array(1.0, np.float32), "QThresholds": thr}
-        cases.append((inputs, levels, attrs))
+        cases.append(({**inputs, "Scale": scale, "Bias": bias}, attrs))
     return cases
 
 
 def test_lut_conv_pixel_lane_tiles_match_reference(so2):
-    cases = pixel_lane_cases(seed=28, count=48)
-    plain = [(inputs, attrs) for inputs, _, attrs in cases]
-    with_levels = [({**inputs, **levels}, attrs) for inputs, levels, attrs in cases]
+    """Y, the levels alone and both, with residuals and relu, on pixel-lane layers."""
+    cases = with_epilogue(np.random.default_rng(30), pixel_lane_cases(seed=28, count=48), True)
+    plain = [(without_levels(inputs), attrs) for inputs, attrs in cases]
     check_cases(so2, "LutConv", plain, constants=("Codes", "Codebook"))
-    check_levels(so2, with_levels, constants=("Codes", "Codebook"))
-    check_y_and_levels(so2, with_levels[:24])
+    check_levels(so2, cases, constants=("Codes", "Codebook"))
+    check_y_and_levels(so2, cases[:24])
 
 
 def test_lut_conv_pixel_lane_tiles_in_batch_chunks(so2):
