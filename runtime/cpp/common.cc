@@ -12,6 +12,12 @@ int TaskHint() {
   return hint;
 }
 
+bool HasVbmi() {
+  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vbmi");
+  return has;
+}
+
 Isa SelectIsa() {
   static const Isa cpu = [] {
     __builtin_cpu_init();

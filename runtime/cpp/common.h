@@ -316,6 +316,9 @@ enum class Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
 // by the environment variable ADQ_ISA=scalar|avx2|avx512 (read when a kernel is created).
 Isa SelectIsa();
 
+// Whether the CPU has AVX-512 VBMI (byte permutes) besides F, BW and VL.
+bool HasVbmi();
+
 // q[i] = #{k : lv.scale * x[i] >= lv.t[k]} (NaN: 0), x and q of n entries (ThresholdQuant).
 void CountLevels(const float* x, int64_t n, const Levels& lv, uint8_t* q, Isa isa);
 

@@ -378,6 +378,102 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void StoreTile(const float*
 
 using StoreFn = void (*)(const float*, int64_t, int64_t, const TileOut&, int64_t);
 
+// Byte permutes for StoreTileLevels: result k, byte 16 * l + j (channel 4k + l of the block,
+// output j) comes from byte 16 * k + 4 * (j % 4) + l of z[j / 4]; one permute of (z[0], z[1])
+// serves outputs 0-7, one of (z[2], z[3]) outputs 8-15.
+struct ByteTranspose {
+  alignas(64) uint8_t idx[4][64];
+};
+constexpr ByteTranspose MakeByteTranspose() {
+  ByteTranspose t{};
+  for (int k = 0; k < 4; ++k) {
+    for (int l = 0; l < 4; ++l) {
+      for (int j = 0; j < 16; ++j) {
+        const int jj = j % 8;
+        t.idx[k][16 * l + j] = static_cast<uint8_t>(64 * (jj / 4) + 16 * k + 4 * (jj % 4) + l);
+      }
+    }
+  }
+  return t;
+}
+constexpr ByteTranspose kByteTranspose = MakeByteTranspose();
+
+// The levels of one vector (RELU first; T: see StoreTileLevels).
+template <bool RELU, int T>
+__attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m512i CountT(__m512 v,
+                                                                           const LevelCounter& lc,
+                                                                           const __m512* thr) {
+  if (RELU) v = _mm512_max_ps(_mm512_setzero_ps(), v);  // max(0, NaN) is the NaN: level 0
+  if constexpr (T == 0) {
+    return CountLevels16(v, lc);
+  } else {
+    const __m512i one = _mm512_set1_epi32(1);
+    const __m512 sv = _mm512_mul_ps(lc.scale, v);
+    __m512i c = _mm512_maskz_mov_epi32(_mm512_cmp_ps_mask(sv, thr[0], _CMP_GE_OQ), one);
+    for (int k = 1; k < T; ++k) {
+      c = _mm512_mask_add_epi32(c, _mm512_cmp_ps_mask(sv, thr[k], _CMP_GE_OQ), c, one);
+    }
+    return c;
+  }
+}
+
+// The levels of outputs 4g .. 4g + 3 of a tile column (t: output 0, 16 channels), as bytes
+// 16 * i + 4 * s + r = channel 4i + r, output 4g + s (packus keeps each 128-bit lane's order).
+template <bool RELU, int T>
+__attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m512i LevelGroup(
+    const float* t, int g, const LevelCounter& lc, const __m512* thr) {
+  const float* u = t + 4 * g * 2 * kLanes;
+  const __m512i c0 = CountT<RELU, T>(_mm512_loadu_ps(u), lc, thr);
+  const __m512i c1 = CountT<RELU, T>(_mm512_loadu_ps(u + 2 * kLanes), lc, thr);
+  const __m512i c2 = CountT<RELU, T>(_mm512_loadu_ps(u + 4 * kLanes), lc, thr);
+  const __m512i c3 = CountT<RELU, T>(_mm512_loadu_ps(u + 6 * kLanes), lc, thr);
+  return _mm512_packus_epi16(_mm512_packus_epi32(c0, c1), _mm512_packus_epi32(c2, c3));
+}
+
+// The levels-only epilogue (no residual, no float output): the per-tensor thresholds are
+// counted in the tile's own layout (a vector = 16 channels of one output), the counts packed
+// to bytes and transposed to NCHW rows with byte permutes, so no float transposes. T in 1..7:
+// a linear count over the thresholds in registers (fewer instructions than the binary search
+// of CountLevels16, which T = 0 stands for). Reads whole groups of 4 outputs of the tile (up to
+// 16 or the next multiple of 4: inside its buffer of kMaxQ1 outputs, which starts zeroed).
+template <bool RELU, int T>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi"))) void StoreTileLevels(
+    const float* tile, int64_t nq, int64_t mcount, const TileOut& o, int64_t P) {
+  const LevelCounter lc = MakeLevelCounter(*o.levels);
+  __m512 thr[T > 0 ? T : 1];
+  for (int k = 0; k < T; ++k) thr[k] = _mm512_set1_ps(o.levels->t[k]);
+  for (int64_t q0 = 0; q0 < nq; q0 += 16) {
+    const int64_t n = std::min<int64_t>(16, nq - q0);
+    for (int64_t b = 0; b * kLanes < mcount; ++b) {
+      const float* t = tile + q0 * 2 * kLanes + b * kLanes;
+      const __m512i z0 = LevelGroup<RELU, T>(t, 0, lc, thr);
+      const __m512i z1 = n > 4 ? LevelGroup<RELU, T>(t, 1, lc, thr) : _mm512_setzero_si512();
+      const __m512i z2 = n > 8 ? LevelGroup<RELU, T>(t, 2, lc, thr) : _mm512_setzero_si512();
+      const __m512i z3 = n > 12 ? LevelGroup<RELU, T>(t, 3, lc, thr) : _mm512_setzero_si512();
+      const int64_t lanes = std::min<int64_t>(kLanes, mcount - b * kLanes);
+      const uint64_t bytes = n == 16 ? 0xFFFFull : (1ull << n) - 1;
+      for (int64_t k = 0; 4 * k < lanes; ++k) {
+        const __m512i idx = _mm512_load_si512(kByteTranspose.idx[k]);
+        __m512i w = _mm512_permutex2var_epi8(z0, idx, z1);
+        if (n > 8) {
+          w = _mm512_mask_mov_epi8(w, 0xFF00FF00FF00FF00ull, _mm512_permutex2var_epi8(z2, idx, z3));
+        }
+        for (int64_t l = 0; l < 4 && 4 * k + l < lanes; ++l) {
+          // Bytes [16 l, 16 l + n) of w to the channel's row (a masked store: only those bytes
+          // are touched, though the base lies 16 l bytes before the row).
+          uint8_t* row = o.q + (b * kLanes + 4 * k + l) * P + q0;
+          _mm512_mask_storeu_epi8(row - 16 * l, bytes << (16 * l), w);
+        }
+      }
+    }
+  }
+}
+
+template <bool RELU, size_t... T>
+constexpr std::array<StoreFn, sizeof...(T)> LevelStores(std::index_sequence<T...>) {
+  return {&StoreTileLevels<RELU, static_cast<int>(T)>...};
+}
+
 // An epilogue as an index into the tables of store instances <RES, RELU, FLOATS, QUANT>.
 inline int EpilogueIndex(const Fused& f, bool floats) {
   return (f.residual ? 8 : 0) + (f.relu ? 4 : 0) + (floats ? 2 : 0) + (f.q ? 1 : 0);
@@ -390,6 +486,12 @@ constexpr std::array<StoreFn, sizeof...(I)> Stores(std::index_sequence<I...>) {
 }
 StoreFn ChooseStore(const Fused& f, bool floats) {
   static constexpr auto kStores = Stores(std::make_index_sequence<16>{});
+  if (f.q && !f.residual && !floats && HasVbmi()) {
+    static constexpr auto kLevels = LevelStores<false>(std::make_index_sequence<8>{});
+    static constexpr auto kReluLevels = LevelStores<true>(std::make_index_sequence<8>{});
+    const int64_t T = f.levels.T <= 7 ? f.levels.T : 0;
+    return (f.relu ? kReluLevels : kLevels)[T];
+  }
   return kStores[EpilogueIndex(f, floats)];
 }
 
@@ -770,7 +872,7 @@ void Conv(const Ort::KernelContext& ctx, const ConvShape& s, const uint8_t* x, c
     const int64_t rc = rest % rchunks, n = n0 + rest / rchunks;
     const int64_t nb = std::min<int64_t>(2, blocks - 2 * p);
     const int64_t m0 = p * 2 * kLanes, mcount = std::min<int64_t>(nb * kLanes, s.M - m0);
-    alignas(64) float tile[kMaxQ1 * 2 * kLanes];
+    alignas(64) float tile[kMaxQ1 * 2 * kLanes] = {};  // StoreTileLevels reads past nq
     TileArgs a{};
     if (integer) {
       a.w = w.int8.data() + p * groups * taps * 8 * kLanes;

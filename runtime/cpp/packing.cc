@@ -51,12 +51,6 @@ __attribute__((target("avx512f"))) void LookupAvx512(const uint8_t* c, int64_t n
   LookupScalar(c + i, n - i, lut.codebook, out + i);
 }
 
-bool HasVbmi() {
-  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vbmi");
-  return has;
-}
-
 // AVX-512 VBMI: 16 codes (two groups of 8 = 2 * bits bytes) per step: pshufb puts each group in
 // a qword, vpmultishiftqb extracts the 8 bit fields of each qword, then a table lookup (permute
 // for K <= 32, gather of clamped indices otherwise). Decodes codes [0, j_end) with j_end a
