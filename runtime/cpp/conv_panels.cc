@@ -344,6 +344,12 @@ inline void PrefetchRows(const float* first, int64_t n, int64_t rows, int64_t P)
   }
 }
 
+// Asks for lines [l0, l1) of 64 bytes from p into L2 (the next batch chunk's input, so that its
+// conversion finds it there; asm for the reason given at PrefetchRows).
+inline void PrefetchLines(const uint8_t* p, int64_t l0, int64_t l1) {
+  for (int64_t l = l0; l < l1; ++l) asm volatile("prefetcht1 %0" : : "m"(p[l * 64]));
+}
+
 // Writes a tile [nq][32] (outputs x channels) to NCHW rows through 16 x 16 transposes in
 // registers, with the fused epilogue (+ residual, relu, levels: chosen at compile time), and
 // masked stores.
@@ -757,6 +763,10 @@ void Conv(const Ort::KernelContext& ctx, const ConvShape& s, const uint8_t* x, c
     fplanes = ThreadScratch<kConvInput>(plane_elems + kLanes);
   }
   int64_t n0 = 0;  // the chunk's first image: t below counts (image - n0, group)
+  // The next chunk's input and its 64-byte lines (0: none), which the tile tasks prefetch.
+  const int64_t image_bytes = s.C * s.H * s.W;
+  const uint8_t* next_x = nullptr;
+  int64_t next_lines = 0, chunk_tasks = 1;
   // Per column phase pw: the phase columns [lo, hi) whose input column b*sW + pw - pL is in
   // [0, W); the others are padding.
   std::vector<int64_t> lo(static_cast<size_t>(s.sW)), hi(static_cast<size_t>(s.sW));
@@ -923,6 +933,10 @@ void Conv(const Ort::KernelContext& ctx, const ConvShape& s, const uint8_t* x, c
     const TileFn* tiles = integer   ? kTilesInt[nb - 1].data()
                           : nb == 2 ? kTilesFloat2.data()
                                     : kTilesFloat1.data();
+    // This task's share of the next chunk's input lines, a few with each tile.
+    int64_t l0 = static_cast<int64_t>(task) * next_lines / chunk_tasks;
+    const int64_t l1 = (static_cast<int64_t>(task) + 1) * next_lines / chunk_tasks;
+    const int64_t per_tile = (l1 - l0 + ntiles - 1) / std::max<int64_t>(ntiles, 1);
     for (int64_t oh = oh0; oh < oh_end; ++oh) {
       for (int64_t part = 0; part < parts; ++part) {
         const int64_t ow0 = starts[part], nq = starts[part + 1] - ow0;
@@ -936,6 +950,10 @@ void Conv(const Ort::KernelContext& ctx, const ConvShape& s, const uint8_t* x, c
             PrefetchRows(f.residual + base + uh * s.OW + starts[up], starts[up + 1] - starts[up],
                          mcount, P);
           }
+        }
+        if (l0 < l1) {
+          PrefetchLines(next_x, l0, std::min(l1, l0 + per_tile));
+          l0 += per_tile;
         }
         tiles[nq - 1](a);
         store(tile, nq, mcount, OutputsAt(f, y, base + oh * s.OW + ow0), P);
@@ -1016,10 +1034,14 @@ void Conv(const Ort::KernelContext& ctx, const ConvShape& s, const uint8_t* x, c
     } else {
       ParallelFor(ctx, static_cast<size_t>(NG), convert);
     }
+    const int64_t next = std::min(nchunk, s.N - n0 - images);
+    next_x = x + (n0 + images) * image_bytes;
+    next_lines = next > 0 ? (next * image_bytes) / 64 : 0;
     if (pix) {
       ParallelFor(ctx, static_cast<size_t>(images * vchunks * octets), pix_task);
     } else {
-      ParallelFor(ctx, static_cast<size_t>(images * rchunks * npanels), tile_task);
+      chunk_tasks = images * rchunks * npanels;
+      ParallelFor(ctx, static_cast<size_t>(chunk_tasks), tile_task);
     }
   }
 }
