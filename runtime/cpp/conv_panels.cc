@@ -384,6 +384,26 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void StoreTile(const float*
 
 using StoreFn = void (*)(const float*, int64_t, int64_t, const TileOut&, int64_t);
 
+// The levels of one tile vector (relu first when RELU: max(0, NaN) is the NaN, level 0).
+template <bool RELU>
+__attribute__((target("avx512f"))) inline __m512i CountTile16(const float* p,
+                                                              const LevelCounter& lc) {
+  const __m512 v = _mm512_loadu_ps(p);
+  return CountLevels16(RELU ? _mm512_max_ps(_mm512_setzero_ps(), v) : v, lc);
+}
+
+// The levels of outputs 4g .. 4g + 3 of a tile column (t: output 0, 16 channels), as bytes
+// 16 * i + 4 * s + r = channel 4i + r, output 4g + s (packus keeps each 128-bit lane's order).
+template <bool RELU>
+__attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m512i LevelGroup(
+    const float* t, int g, const LevelCounter& lc) {
+  const float* u = t + 4 * g * 2 * kLanes;
+  const __m512i c0 = CountTile16<RELU>(u, lc), c1 = CountTile16<RELU>(u + 2 * kLanes, lc);
+  const __m512i c2 = CountTile16<RELU>(u + 4 * kLanes, lc);
+  const __m512i c3 = CountTile16<RELU>(u + 6 * kLanes, lc);
+  return _mm512_packus_epi16(_mm512_packus_epi32(c0, c1), _mm512_packus_epi32(c2, c3));
+}
+
 // Byte permutes for StoreTileLevels: result k, byte 16 * l + j (channel 4k + l of the block,
 // output j) comes from byte 16 * k + 4 * (j % 4) + l of z[j / 4]; one permute of (z[0], z[1])
 // serves outputs 0-7, one of (z[2], z[3]) outputs 8-15.
@@ -404,58 +424,23 @@ constexpr ByteTranspose MakeByteTranspose() {
 }
 constexpr ByteTranspose kByteTranspose = MakeByteTranspose();
 
-// The levels of one vector (RELU first; T: see StoreTileLevels).
-template <bool RELU, int T>
-__attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m512i CountT(__m512 v,
-                                                                           const LevelCounter& lc,
-                                                                           const __m512* thr) {
-  if (RELU) v = _mm512_max_ps(_mm512_setzero_ps(), v);  // max(0, NaN) is the NaN: level 0
-  if constexpr (T == 0) {
-    return CountLevels16(v, lc);
-  } else {
-    const __m512i one = _mm512_set1_epi32(1);
-    const __m512 sv = _mm512_mul_ps(lc.scale, v);
-    __m512i c = _mm512_maskz_mov_epi32(_mm512_cmp_ps_mask(sv, thr[0], _CMP_GE_OQ), one);
-    for (int k = 1; k < T; ++k) {
-      c = _mm512_mask_add_epi32(c, _mm512_cmp_ps_mask(sv, thr[k], _CMP_GE_OQ), c, one);
-    }
-    return c;
-  }
-}
-
-// The levels of outputs 4g .. 4g + 3 of a tile column (t: output 0, 16 channels), as bytes
-// 16 * i + 4 * s + r = channel 4i + r, output 4g + s (packus keeps each 128-bit lane's order).
-template <bool RELU, int T>
-__attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m512i LevelGroup(
-    const float* t, int g, const LevelCounter& lc, const __m512* thr) {
-  const float* u = t + 4 * g * 2 * kLanes;
-  const __m512i c0 = CountT<RELU, T>(_mm512_loadu_ps(u), lc, thr);
-  const __m512i c1 = CountT<RELU, T>(_mm512_loadu_ps(u + 2 * kLanes), lc, thr);
-  const __m512i c2 = CountT<RELU, T>(_mm512_loadu_ps(u + 4 * kLanes), lc, thr);
-  const __m512i c3 = CountT<RELU, T>(_mm512_loadu_ps(u + 6 * kLanes), lc, thr);
-  return _mm512_packus_epi16(_mm512_packus_epi32(c0, c1), _mm512_packus_epi32(c2, c3));
-}
-
 // The levels-only epilogue (no residual, no float output): the per-tensor thresholds are
 // counted in the tile's own layout (a vector = 16 channels of one output), the counts packed
-// to bytes and transposed to NCHW rows with byte permutes, so no float transposes. T in 1..7:
-// a linear count over the thresholds in registers (fewer instructions than the binary search
-// of CountLevels16, which T = 0 stands for). Reads whole groups of 4 outputs of the tile (up to
-// 16 or the next multiple of 4: inside its buffer of kMaxQ1 outputs, which starts zeroed).
-template <bool RELU, int T>
+// to bytes and transposed to NCHW rows with byte permutes, so no float transposes. Reads whole
+// groups of 4 outputs of the tile (up to 16 or the next multiple of 4: inside its buffer of
+// kMaxQ1 outputs, which starts zeroed).
+template <bool RELU>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi"))) void StoreTileLevels(
     const float* tile, int64_t nq, int64_t mcount, const TileOut& o, int64_t P) {
   const LevelCounter lc = MakeLevelCounter(*o.levels);
-  __m512 thr[T > 0 ? T : 1];
-  for (int k = 0; k < T; ++k) thr[k] = _mm512_set1_ps(o.levels->t[k]);
   for (int64_t q0 = 0; q0 < nq; q0 += 16) {
     const int64_t n = std::min<int64_t>(16, nq - q0);
     for (int64_t b = 0; b * kLanes < mcount; ++b) {
       const float* t = tile + q0 * 2 * kLanes + b * kLanes;
-      const __m512i z0 = LevelGroup<RELU, T>(t, 0, lc, thr);
-      const __m512i z1 = n > 4 ? LevelGroup<RELU, T>(t, 1, lc, thr) : _mm512_setzero_si512();
-      const __m512i z2 = n > 8 ? LevelGroup<RELU, T>(t, 2, lc, thr) : _mm512_setzero_si512();
-      const __m512i z3 = n > 12 ? LevelGroup<RELU, T>(t, 3, lc, thr) : _mm512_setzero_si512();
+      const __m512i z0 = LevelGroup<RELU>(t, 0, lc);
+      const __m512i z1 = n > 4 ? LevelGroup<RELU>(t, 1, lc) : _mm512_setzero_si512();
+      const __m512i z2 = n > 8 ? LevelGroup<RELU>(t, 2, lc) : _mm512_setzero_si512();
+      const __m512i z3 = n > 12 ? LevelGroup<RELU>(t, 3, lc) : _mm512_setzero_si512();
       const int64_t lanes = std::min<int64_t>(kLanes, mcount - b * kLanes);
       const uint64_t bytes = n == 16 ? 0xFFFFull : (1ull << n) - 1;
       for (int64_t k = 0; 4 * k < lanes; ++k) {
@@ -475,11 +460,6 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi"))) void StoreTileLe
   }
 }
 
-template <bool RELU, size_t... T>
-constexpr std::array<StoreFn, sizeof...(T)> LevelStores(std::index_sequence<T...>) {
-  return {&StoreTileLevels<RELU, static_cast<int>(T)>...};
-}
-
 // An epilogue as an index into the tables of store instances <RES, RELU, FLOATS, QUANT>.
 inline int EpilogueIndex(const Fused& f, bool floats) {
   return (f.residual ? 8 : 0) + (f.relu ? 4 : 0) + (floats ? 2 : 0) + (f.q ? 1 : 0);
@@ -493,10 +473,7 @@ constexpr std::array<StoreFn, sizeof...(I)> Stores(std::index_sequence<I...>) {
 StoreFn ChooseStore(const Fused& f, bool floats) {
   static constexpr auto kStores = Stores(std::make_index_sequence<16>{});
   if (f.q && !f.residual && !floats && HasVbmi()) {
-    static constexpr auto kLevels = LevelStores<false>(std::make_index_sequence<8>{});
-    static constexpr auto kReluLevels = LevelStores<true>(std::make_index_sequence<8>{});
-    const int64_t T = f.levels.T <= 7 ? f.levels.T : 0;
-    return (f.relu ? kReluLevels : kLevels)[T];
+    return f.relu ? &StoreTileLevels<true> : &StoreTileLevels<false>;
   }
   return kStores[EpilogueIndex(f, floats)];
 }

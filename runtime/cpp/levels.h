@@ -9,27 +9,51 @@
 namespace adq {
 
 // The per-call part of the count, set up once: the scale, the thresholds in a register table
-// (NaN past T, which no value reaches) and the first step of the binary search over them.
+// (NaN past T, which no value reaches) and the first step of the binary search over them
+// (for 8 to 15 thresholds; fewer are counted one by one, more by a loop).
 struct LevelCounter {
   __m512 scale;
   __m512 table;
-  int first;  // the largest power of two <= T for T <= 15; 0: a linear count over lv->t
+  int first;  // the largest power of two <= T for 8 <= T <= 15; 0: a linear count over lv->t
+  int T;
   const Levels* lv;
 };
 
 __attribute__((target("avx512f"))) inline LevelCounter MakeLevelCounter(const Levels& lv) {
-  LevelCounter c{_mm512_set1_ps(lv.scale), _mm512_loadu_ps(lv.padded), 0, &lv};
-  if (lv.T >= 1 && lv.T <= 15) {
+  LevelCounter c{_mm512_set1_ps(lv.scale), _mm512_loadu_ps(lv.padded), 0, lv.T, &lv};
+  if (lv.T >= 8 && lv.T <= 15) {
     c.first = 1;
     while (2 * c.first <= lv.T) c.first *= 2;
   }
   return c;
 }
 
+// c + 1 in the lanes where sv >= t.
+__attribute__((target("avx512f"))) inline __m512i AddIfGe(__m512i c, __m512 sv, float t) {
+  return _mm512_mask_add_epi32(c, _mm512_cmp_ps_mask(sv, _mm512_set1_ps(t), _CMP_GE_OQ), c,
+                               _mm512_set1_epi32(1));
+}
+
 __attribute__((target("avx512f"))) inline __m512i CountLevels16(__m512 v, const LevelCounter& lc) {
   const __m512 sv = _mm512_mul_ps(lc.scale, v);  // one float32 product
   const __m512i one = _mm512_set1_epi32(1);
   __m512i c = _mm512_setzero_si512();
+  if (lc.T <= 7) {
+    // Few thresholds (2- and 3-bit activations): an unrolled linear count, fewer instructions
+    // than the search (each threshold a broadcast memory operand of the compare).
+    const float* t = lc.lv->t;
+    switch (lc.T) {
+      case 7: c = AddIfGe(c, sv, t[6]); [[fallthrough]];
+      case 6: c = AddIfGe(c, sv, t[5]); [[fallthrough]];
+      case 5: c = AddIfGe(c, sv, t[4]); [[fallthrough]];
+      case 4: c = AddIfGe(c, sv, t[3]); [[fallthrough]];
+      case 3: c = AddIfGe(c, sv, t[2]); [[fallthrough]];
+      case 2: c = AddIfGe(c, sv, t[1]); [[fallthrough]];
+      case 1: c = AddIfGe(c, sv, t[0]); [[fallthrough]];
+      default: break;
+    }
+    return c;
+  }
   if (lc.first) {
     // Branch-free binary search over the sorted thresholds: c grows by first, ..., 2, 1 while
     // t[c + step - 1] <= value (t below T; the count is at most T < 2 * first).
