@@ -191,6 +191,17 @@ def _upstream(graph: onnx.GraphProto, values: list[str]) -> set[str]:
     return seen
 
 
+def _can_merge(
+    graph: onnx.GraphProto, lut: onnx.NodeProto, tqs: list[onnx.NodeProto], outputs: set[str]
+) -> bool:
+    """Whether ``_merge_quantizers`` would merge ``tqs`` into ``lut``."""
+    if not tqs or len({tuple(t.input[1:]) for t in tqs}) != 1:
+        return False
+    if set(lut.output) & _upstream(graph, list(tqs[0].input[1:])):
+        return False
+    return sum(t.output[0] in outputs for t in tqs) <= 1
+
+
 def _merge_quantizers(
     graph: onnx.GraphProto, lut: onnx.NodeProto, tqs: list[onnx.NodeProto], outputs: set[str]
 ) -> tuple[str, str, str] | None:
@@ -199,15 +210,11 @@ def _merge_quantizers(
     give ``lut``. None, with nothing changed, when there are none, when their Scale and
     Thresholds differ or are computed from ``lut`` (a cycle once they are its inputs), or when
     more than one of their levels is a graph output."""
-    if not tqs or len({tuple(t.input[1:]) for t in tqs}) != 1:
+    if not _can_merge(graph, lut, tqs, outputs):
         return None
     qscale, qthresholds = tqs[0].input[1:]
-    if set(lut.output) & _upstream(graph, [qscale, qthresholds]):
-        return None
     levels = [t.output[0] for t in tqs]
     public = [q for q in levels if q in outputs]
-    if len(public) > 1:
-        return None
     q = public[0] if public else levels[0]
     for node in graph.node:
         for k, name in enumerate(node.input):
@@ -226,8 +233,10 @@ def _lut_convs(graph: onnx.GraphProto, domain: str) -> list[onnx.NodeProto]:
 def fuse_threshold_quant(graph: onnx.GraphProto, domain: str) -> int:
     """Turn each ``LutConv -> ThresholdQuant`` into one LutConvQuant (QScale, QThresholds = the
     ThresholdQuant's Scale, Thresholds) where the LutConv output is no graph output and is read
-    only by ThresholdQuant nodes that all have the same Scale and Thresholds (their readers are
-    rewired to one of them). Returns how many."""
+    only by ThresholdQuant nodes with one Scale and Thresholds, or two (the second as QScale2,
+    QThresholds2 and output Q2: a block output read by the next block's convolution and by its
+    downsampling shortcut); the readers of each quantizer's levels are rewired to one of them.
+    Returns how many."""
     outputs = {o.name for o in graph.output}
     fused = 0
     for lut in _lut_convs(graph, domain):
@@ -235,14 +244,20 @@ def fuse_threshold_quant(graph: onnx.GraphProto, domain: str) -> int:
         readers = consumers(graph, y)
         if y in outputs or not all(_quantizes(r, y, domain) for r in readers):
             continue
-        merged = _merge_quantizers(graph, lut, readers, outputs)
-        if merged is None:
+        groups: dict[tuple[str, ...], list[onnx.NodeProto]] = {}
+        for r in readers:
+            groups.setdefault(tuple(r.input[1:]), []).append(r)
+        if not 1 <= len(groups) <= 2 or not all(
+            _can_merge(graph, lut, tqs, outputs) for tqs in groups.values()
+        ):
             continue
-        q, qscale, qthresholds = merged
+        merged = [_merge_quantizers(graph, lut, tqs, outputs) for tqs in groups.values()]
         lut.op_type = "LutConvQuant"
-        _set_input(lut, 6, qscale)
-        _set_input(lut, 7, qthresholds)
-        lut.output[0] = q
+        del lut.output[:]
+        for i, (q, qscale, qthresholds) in enumerate(merged):  # Q (inputs 6, 7), Q2 (8, 9)
+            _set_input(lut, 6 + 2 * i, qscale)
+            _set_input(lut, 7 + 2 * i, qthresholds)
+            lut.output.append(q)
         fused += 1
     topological_sort(graph)
     return fused

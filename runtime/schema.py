@@ -60,6 +60,8 @@ _LUT_INPUTS = (
 _RESIDUAL = Param("Residual", "float", optional=True)
 # LutConvQuant's (and LutConv's optional) ThresholdQuant parameters
 _QUANT = (Param("QScale", "float"), Param("QThresholds", "float"))
+# LutConvQuant's optional second quantizer (output Q2)
+_QUANT2 = (Param("QScale2", "float", optional=True), Param("QThresholds2", "float", optional=True))
 _CONV_ATTRS = (
     Attr("bits", "int"),
     Attr("kernel_shape", "ints"),
@@ -95,9 +97,10 @@ OPS: tuple[OpDecl, ...] = (
     OpDecl(
         "LutConvQuant",
         "Q = ThresholdQuant(LutConv(X, Codes, Codebook, Scale, Bias, Residual), QScale, "
-        "QThresholds): the next layer's uint8 levels without the float tensor.",
-        _LUT_INPUTS + (_RESIDUAL, *_QUANT),
-        (Param("Q", "uint8"),),
+        "QThresholds): the next layer's uint8 levels without the float tensor; optional Q2 the "
+        "same with QScale2, QThresholds2 (a second reader's quantizer).",
+        _LUT_INPUTS + (_RESIDUAL, *_QUANT, *_QUANT2),
+        (Param("Q", "uint8"), Param("Q2", "uint8", optional=True)),
         _CONV_ATTRS,
     ),
     OpDecl(

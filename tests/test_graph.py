@@ -79,7 +79,7 @@ Y_SHAPE = [N, M, H, H]
 def lut_conv_model(tail, extra_inputs=(), outputs=(("out", TensorProto.FLOAT, Y_SHAPE),)):
     """x -> LutConv -> y, then the `tail` nodes; `extra_inputs` are (name, shape) float inputs,
     `outputs` (name, elem type, shape) the graph outputs. Constants: Codes, Codebook, Scale,
-    Bias, and ThresholdQuant parameters s, t (and t2, other thresholds)."""
+    Bias, and ThresholdQuant parameters s, t (and t2, s2: other thresholds, another scale)."""
     rng = np.random.default_rng(0)
     codes = rng.integers(0, 4, size=(M, C, 3, 3))
     inits = {
@@ -90,6 +90,7 @@ def lut_conv_model(tail, extra_inputs=(), outputs=(("out", TensorProto.FLOAT, Y_
         "s": np.array([1.0], np.float32),
         "t": np.array([-0.5, 0.0, 0.5, 1.0], np.float32),
         "t2": np.array([0.25], np.float32),
+        "s2": np.array([0.5], np.float32),
     }
     conv = oh.make_node(
         "LutConv",
@@ -236,24 +237,48 @@ def test_identical_threshold_quants_become_one():
     assert_same(before, now)
 
 
-@pytest.mark.parametrize("neg", [False, True])
-def test_quantizers_with_other_parameters_keep_reading_y(neg):
-    """Of two quantizers of y with different thresholds (a downsampling block's conv1 and
-    shortcut), one becomes output Q; the other keeps reading the float y."""
+def test_two_quantizers_become_q_and_q2():
+    """y read only by quantizers with two sets of parameters (a block output read by the next
+    block's conv1 and by its downsampling shortcut): one LutConvQuant with outputs Q and Q2."""
+    tail = [
+        oh.make_node("ThresholdQuant", ["y", "s", "t"], ["q1"], domain=DOMAIN),
+        oh.make_node("ThresholdQuant", ["y", "s", "t2"], ["q2"], domain=DOMAIN),
+        oh.make_node("ThresholdQuant", ["y", "s", "t"], ["q3"], domain=DOMAIN),
+        oh.make_node("Cast", ["q3"], ["o3"], to=TensorProto.FLOAT),
+    ]
+    outs = [("q1", TensorProto.UINT8, Y_SHAPE), ("q2", TensorProto.UINT8, Y_SHAPE)]
+    outs.append(("o3", TensorProto.FLOAT, Y_SHAPE))
+    counts, after, before, now = fused(lut_conv_model(tail, outputs=outs))
+    assert counts == Fusions(0, 0, 1, 0)
+    assert sorted(ops(after)) == ["Cast", "LutConvQuant"]
+    lut = next(n for n in after.graph.node if n.op_type == "LutConvQuant")
+    assert list(lut.input[6:]) == ["s", "t", "s", "t2"]
+    assert list(lut.output) == ["q1", "q2"]
+    assert next(n for n in after.graph.node if n.op_type == "Cast").input[0] == "q1"
+    assert_same(before, now)
+
+
+@pytest.mark.parametrize("groups", [2, 3])
+def test_quantizers_with_other_parameters_keep_reading_y(groups):
+    """When y has another reader (or three quantizers differ), the largest group of quantizers
+    becomes output Q; the others keep reading the float y."""
     tail = [
         oh.make_node("ThresholdQuant", ["y", "s", "t"], ["q1"], domain=DOMAIN),
         oh.make_node("ThresholdQuant", ["y", "s", "t2"], ["q2"], domain=DOMAIN),
     ]
     outs = [("q1", TensorProto.UINT8, Y_SHAPE), ("q2", TensorProto.UINT8, Y_SHAPE)]
-    if neg:
+    if groups == 2:
         tail.append(oh.make_node("Neg", ["y"], ["n"]))
         outs.append(("n", TensorProto.FLOAT, Y_SHAPE))
+    else:
+        tail.append(oh.make_node("ThresholdQuant", ["y", "s2", "t2"], ["q3"], domain=DOMAIN))
+        outs.append(("q3", TensorProto.UINT8, Y_SHAPE))
     counts, after, before, now = fused(lut_conv_model(tail, outputs=outs))
     assert counts == Fusions(0, 0, 0, 1)
     lut = next(n for n in after.graph.node if n.op_type == "LutConv")
     assert len(lut.output) == 2
     left = [n for n in after.graph.node if n.op_type == "ThresholdQuant"]
-    assert len(left) == 1 and left[0].input[0] == lut.output[0]
+    assert len(left) == groups - 1 and all(n.input[0] == lut.output[0] for n in left)
     assert_same(before, now)
 
 

@@ -375,6 +375,64 @@ def check_y_and_levels(so, cases, constants=()):
     assert exempt <= 1e-3 * total, f"{exempt} of {total} levels differ at thresholds"
 
 
+def with_second_quantizer(rng, cases):
+    """The LutConvQuant cases with QScale2 and QThresholds2 (another scale, other thresholds
+    between the output values)."""
+    out = []
+    for inputs, attrs in cases:
+        qscale2 = np.float32(rng.uniform(0.5, 2.0))
+        y = run_single("LutConv", without_levels(inputs), attrs)
+        thr2 = _thresholds_between(rng, qscale2 * y)
+        out.append(({**inputs, "QScale2": np.array([qscale2]), "QThresholds2": thr2}, attrs))
+    return out
+
+
+def check_two_levels(so, cases, constants=()):
+    """LutConvQuant with outputs Q and Q2: each against the reference (up to threshold rounding
+    of its own quantizer)."""
+    failures, exempt, total = [], 0, 0
+    for inputs, attrs in cases:
+        refs = run_single("LutConvQuant", inputs, attrs, outputs=("Q", "Q2"))
+        gots = run_ort(so, "LutConvQuant", inputs, attrs, constants, outputs=("Q", "Q2"))
+        first = {k: v for k, v in inputs.items() if not k.endswith("2")}
+        second = {**first, "QScale": inputs["QScale2"], "QThresholds": inputs["QThresholds2"]}
+        for quant, got, ref in zip((first, second), gots, refs, strict=True):
+            bad, near = (
+                _level_mismatches(quant, attrs, got, ref) if got.shape == ref.shape else (1, 0)
+            )
+            if got.dtype != np.uint8 or bad:
+                failures.append(f"{bad} levels differ: attrs={attrs} x={inputs['X'].shape}")
+            exempt += near
+            total += ref.size
+    assert not failures, f"{len(failures)}/{len(cases)} cases fail:\n" + "\n".join(failures[:5])
+    assert exempt <= 1e-3 * total, f"{exempt} of {total} levels differ at thresholds"
+
+
+def test_lut_conv_quant_second_quantizer_matches_reference(so2):
+    """Q2 (a second reader's quantizer of the same output) on every path: the panel kernels
+    (float and int8, channel- and pixel-lane tiles), with and without residual and relu."""
+    rng = np.random.default_rng(31)
+    cases = with_second_quantizer(rng, fused_cases(seed=32, count=120, quant=True))
+    check_two_levels(so2, cases)
+    check_two_levels(so2, cases[:40], constants=("Codes", "Codebook", "Scale"))
+    pix = with_epilogue(rng, pixel_lane_cases(seed=33, count=24), True)
+    check_two_levels(so2, with_second_quantizer(rng, pix), constants=("Codes", "Codebook"))
+
+
+def test_lut_conv_quant_second_output_and_its_inputs_go_together(so2):
+    inputs, attrs = _conv_ok()
+    quant = {"QScale": np.array(1.0, np.float32), "QThresholds": np.array([0.5], np.float32)}
+    second = {"QScale2": np.array(1.0, np.float32), "QThresholds2": np.array([0.5], np.float32)}
+    inputs = {**inputs, "Residual": None, **quant}
+    with pytest.raises(ORT_ERRORS, match="output Q2 needs inputs QScale2 and QThresholds2"):
+        run_ort(so2, "LutConvQuant", inputs, attrs, outputs=("Q", "Q2"))
+    with pytest.raises(ORT_ERRORS, match="QScale2 and QThresholds2 need output Q2"):
+        run_ort(so2, "LutConvQuant", {**inputs, **second}, attrs)
+    for outputs, extra in [(("Q", "Q2"), {}), (None, second)]:  # the reference agrees
+        with pytest.raises(ValueError, match="Q2"):
+            run_single("LutConvQuant", {**inputs, **extra}, attrs, outputs=outputs)
+
+
 def test_lut_conv_fused_residual_relu_matches_reference(so2):
     cases = fused_cases(seed=21, count=250, quant=False)
     check_cases(so2, "LutConv", cases)
@@ -635,6 +693,8 @@ def test_other_isa_paths_match_reference(isa, library, monkeypatch):
     check_cases(so, "LutConv", fused_cases(seed=15, count=60, quant=False))
     check_levels(so, fused_cases(seed=16, count=60, quant=True))
     check_y_and_levels(so, fused_cases(seed=17, count=40, quant=True))
+    rng = np.random.default_rng(18)
+    check_two_levels(so, with_second_quantizer(rng, fused_cases(seed=19, count=30, quant=True)))
     check_cases(so, "LutGemm", gemm_cases(seed=12, count=100))
     check_cases(so, "LutDequant", dequant_cases(seed=13, count=60), exact=True)
     check_cases(so, "ThresholdQuant", threshold_cases(seed=14, count=60), exact=True)

@@ -95,12 +95,16 @@ def test_graph_uses_the_adq_op_set(name):
     assert all(n.domain in ("", DOMAIN) for n in model.graph.node)
     assert not [n for n in model.graph.node if n.op_type == "QuantLayer"]
     # one LutConv / LutConvQuant / LutGemm per layer with a quantized input, LutDequant for the
-    # others; one ThresholdQuant per quantized input, unless fused into the LutConvQuant or the
-    # LutConv (output Q) before
+    # others; one ThresholdQuant per quantized input, unless fused into the LutConvQuant before
+    # (output Q, and Q2 for a second quantizer) or into the LutConv (output Q)
     with_act = sum(lay.act is not None for lay in folded.layers.values())
     lut = [n for n in custom if n.op_type in ("LutConv", "LutConvQuant", "LutGemm")]
     assert len(lut) == with_act
-    fused = len([n for n in custom if n.op_type == "LutConvQuant" or len(n.output) == 2])
+    fused = sum(
+        len(n.output) if n.op_type == "LutConvQuant" else 1
+        for n in custom
+        if n.op_type == "LutConvQuant" or len(n.output) == 2
+    )
     assert len([n for n in custom if n.op_type == "ThresholdQuant"]) == with_act - fused
     assert len([n for n in custom if n.op_type == "LutDequant"]) == len(folded.layers) - with_act
     # no Relu is left whose only readers are ThresholdQuant nodes (they are dropped)
@@ -175,7 +179,7 @@ def unfused_model(name, monkeypatch, int_codebooks=False):
 # last's (8: the next block's conv1 quantizes it, its shortcut reads it as float);
 # small_cnn: its convs are read by quantizers only; test_model: see ExportTestNet.forward.
 FUSIONS = {
-    "resnet18": Fusions(8, 5, 8, 7),
+    "resnet18": Fusions(8, 5, 11, 4),
     "resnet20": Fusions(9, 9, 9, 8),
     "small_cnn": Fusions(0, 1, 3, 0),
     "test_model": Fusions(1, 3, 2, 1),
@@ -206,10 +210,13 @@ def test_fusion_pass_leaves_nothing_fusable(name, monkeypatch):
         assert not [n for n in nodes if n.op_type == "Add"]
     if name == "resnet18":
         assert not [n for n in after_lut if n.op_type in ("Add", "Relu")]
-        # the quantizers left: the max-pool output's, and one per downsampling block
+        # the one quantizer left is the max-pool output's; a block output read by the next
+        # (downsampling) block's conv1 and shortcut is two levels outputs, no float tensor
         quantized = sorted(producer[n.input[0]] for n in nodes if n.op_type == "ThresholdQuant")
-        assert quantized == ["LutConv"] * 3 + ["MaxPool"]
-    assert len([n for n in nodes if len(n.output) == 2]) == FUSIONS[name].level_outputs
+        assert quantized == ["MaxPool"]
+        assert len([n for n in nodes if n.op_type == "LutConvQuant" and len(n.output) == 2]) == 3
+    level_outputs = [n for n in nodes if n.op_type == "LutConv" and len(n.output) == 2]
+    assert len(level_outputs) == FUSIONS[name].level_outputs
 
 
 @pytest.mark.parametrize(

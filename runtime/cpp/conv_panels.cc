@@ -311,12 +311,14 @@ struct TileOut {
   const float* residual;  // added when RES
   uint8_t* q;             // the levels output (QUANT)
   const Levels* levels;
+  uint8_t* q2;            // a second levels output (with QUANT), or nullptr
+  const Levels* levels2;
 };
 
 // The outputs of epilogue f (and float output y, or nullptr) from flat index `at` on.
 inline TileOut OutputsAt(const Fused& f, float* y, int64_t at) {
   return {y ? y + at : nullptr, f.residual ? f.residual + at : nullptr, f.q ? f.q + at : nullptr,
-          &f.levels};
+          &f.levels, f.q2 ? f.q2 + at : nullptr, &f.levels2};
 }
 
 // Levels #{k : scale * v >= t[k]} of the first n lanes of v, stored as bytes (NaN: 0).
@@ -359,6 +361,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void StoreTile(const float*
                                                                     const TileOut& o, int64_t P) {
   const __m512 zero = _mm512_setzero_ps();
   const LevelCounter lc = QUANT ? MakeLevelCounter(*o.levels) : LevelCounter{};
+  const LevelCounter lc2 = QUANT && o.q2 ? MakeLevelCounter(*o.levels2) : LevelCounter{};
   for (int64_t q0 = 0; q0 < nq; q0 += 16) {
     const int64_t n = std::min<int64_t>(16, nq - q0);
     const __mmask16 mask = static_cast<__mmask16>((1u << n) - 1u);
@@ -377,6 +380,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void StoreTile(const float*
         if (RELU) v = _mm512_max_ps(zero, v);  // max(0, NaN) is the NaN (second operand)
         if (FLOATS) _mm512_mask_storeu_ps(o.y + at, mask, v);
         if (QUANT) StoreLevels(v, lc, n, o.q + at);
+        if (QUANT && o.q2) StoreLevels(v, lc2, n, o.q2 + at);
       }
     }
   }
@@ -424,6 +428,30 @@ constexpr ByteTranspose MakeByteTranspose() {
 }
 constexpr ByteTranspose kByteTranspose = MakeByteTranspose();
 
+// One quantizer's levels of a tile column (t: 16 channels, `lanes` of them real; n <= 16
+// outputs) to the NCHW rows of q (channel 0, the column's first output).
+template <bool RELU>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi"))) inline void StoreLevelColumn(
+    const float* t, int64_t n, int64_t lanes, const LevelCounter& lc, uint8_t* q, int64_t P) {
+  const __m512i z0 = LevelGroup<RELU>(t, 0, lc);
+  const __m512i z1 = n > 4 ? LevelGroup<RELU>(t, 1, lc) : _mm512_setzero_si512();
+  const __m512i z2 = n > 8 ? LevelGroup<RELU>(t, 2, lc) : _mm512_setzero_si512();
+  const __m512i z3 = n > 12 ? LevelGroup<RELU>(t, 3, lc) : _mm512_setzero_si512();
+  const uint64_t bytes = n == 16 ? 0xFFFFull : (1ull << n) - 1;
+  for (int64_t k = 0; 4 * k < lanes; ++k) {
+    const __m512i idx = _mm512_load_si512(kByteTranspose.idx[k]);
+    __m512i w = _mm512_permutex2var_epi8(z0, idx, z1);
+    if (n > 8) {
+      w = _mm512_mask_mov_epi8(w, 0xFF00FF00FF00FF00ull, _mm512_permutex2var_epi8(z2, idx, z3));
+    }
+    for (int64_t l = 0; l < 4 && 4 * k + l < lanes; ++l) {
+      // Bytes [16 l, 16 l + n) of w to the channel's row (a masked store: only those bytes are
+      // touched, though the base lies 16 l bytes before the row).
+      _mm512_mask_storeu_epi8(q + (4 * k + l) * P - 16 * l, bytes << (16 * l), w);
+    }
+  }
+}
+
 // The levels-only epilogue (no residual, no float output): the per-tensor thresholds are
 // counted in the tile's own layout (a vector = 16 channels of one output), the counts packed
 // to bytes and transposed to NCHW rows with byte permutes, so no float transposes. Reads whole
@@ -433,29 +461,14 @@ template <bool RELU>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi"))) void StoreTileLevels(
     const float* tile, int64_t nq, int64_t mcount, const TileOut& o, int64_t P) {
   const LevelCounter lc = MakeLevelCounter(*o.levels);
+  const LevelCounter lc2 = o.q2 ? MakeLevelCounter(*o.levels2) : LevelCounter{};
   for (int64_t q0 = 0; q0 < nq; q0 += 16) {
     const int64_t n = std::min<int64_t>(16, nq - q0);
     for (int64_t b = 0; b * kLanes < mcount; ++b) {
       const float* t = tile + q0 * 2 * kLanes + b * kLanes;
-      const __m512i z0 = LevelGroup<RELU>(t, 0, lc);
-      const __m512i z1 = n > 4 ? LevelGroup<RELU>(t, 1, lc) : _mm512_setzero_si512();
-      const __m512i z2 = n > 8 ? LevelGroup<RELU>(t, 2, lc) : _mm512_setzero_si512();
-      const __m512i z3 = n > 12 ? LevelGroup<RELU>(t, 3, lc) : _mm512_setzero_si512();
       const int64_t lanes = std::min<int64_t>(kLanes, mcount - b * kLanes);
-      const uint64_t bytes = n == 16 ? 0xFFFFull : (1ull << n) - 1;
-      for (int64_t k = 0; 4 * k < lanes; ++k) {
-        const __m512i idx = _mm512_load_si512(kByteTranspose.idx[k]);
-        __m512i w = _mm512_permutex2var_epi8(z0, idx, z1);
-        if (n > 8) {
-          w = _mm512_mask_mov_epi8(w, 0xFF00FF00FF00FF00ull, _mm512_permutex2var_epi8(z2, idx, z3));
-        }
-        for (int64_t l = 0; l < 4 && 4 * k + l < lanes; ++l) {
-          // Bytes [16 l, 16 l + n) of w to the channel's row (a masked store: only those bytes
-          // are touched, though the base lies 16 l bytes before the row).
-          uint8_t* row = o.q + (b * kLanes + 4 * k + l) * P + q0;
-          _mm512_mask_storeu_epi8(row - 16 * l, bytes << (16 * l), w);
-        }
-      }
+      StoreLevelColumn<RELU>(t, n, lanes, lc, o.q + b * kLanes * P + q0, P);
+      if (o.q2) StoreLevelColumn<RELU>(t, n, lanes, lc2, o.q2 + b * kLanes * P + q0, P);
     }
   }
 }
@@ -509,6 +522,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void StorePix(const float* 
                                                                    const TileOut& o, int64_t P) {
   const __m512 zero = _mm512_setzero_ps();
   const LevelCounter lc = QUANT ? MakeLevelCounter(*o.levels) : LevelCounter{};
+  const LevelCounter lc2 = QUANT && o.q2 ? MakeLevelCounter(*o.levels2) : LevelCounter{};
   for (int64_t l = 0; l < mcount; ++l) {
     for (int64_t v = 0; v < nv; ++v) {
       const PixVec& pv = vec[v];
@@ -528,6 +542,11 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void StorePix(const float* 
         const __m128i bytes = _mm512_cvtepi32_epi8(CountLevels16(r, lc));
         _mm_mask_storeu_epi8(o.q + a1, pv.mask1, bytes);
         if (pv.mask2) _mm_mask_storeu_epi8(o.q + a2, pv.mask2, bytes);
+      }
+      if (QUANT && o.q2) {
+        const __m128i bytes = _mm512_cvtepi32_epi8(CountLevels16(r, lc2));
+        _mm_mask_storeu_epi8(o.q2 + a1, pv.mask1, bytes);
+        if (pv.mask2) _mm_mask_storeu_epi8(o.q2 + a2, pv.mask2, bytes);
       }
     }
   }
@@ -693,6 +712,7 @@ void Finish(float* v, int64_t n, const Fused& f, int64_t at, Isa isa) {
     for (int64_t i = 0; i < n; ++i) v[i] = v[i] < 0.0f ? 0.0f : v[i];  // NaN stays NaN
   }
   if (f.q) CountLevels(v, n, f.levels, f.q + at, isa);
+  if (f.q2) CountLevels(v, n, f.levels2, f.q2 + at, isa);
 }
 
 void Conv(const Ort::KernelContext& ctx, const ConvShape& s, const uint8_t* x, const Packed& w,

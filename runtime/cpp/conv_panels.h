@@ -67,10 +67,12 @@ struct Fused {
   bool relu = false;
   uint8_t* q = nullptr;  // levels [N, M, OH, OW]: LutConvQuant's output, LutConv's output Q
   Levels levels;         // their QScale and QThresholds
+  uint8_t* q2 = nullptr;  // LutConvQuant's output Q2 (only with q), or nullptr
+  Levels levels2;         // its QScale2 and QThresholds2
 };
 
 // The fused epilogue on n consecutive outputs v (in place) at flat output index `at`; with f.q
-// set, their levels go to f.q + at.
+// set, their levels go to f.q + at (and with f.q2, those of f.levels2 to f.q2 + at).
 void Finish(float* v, int64_t n, const Fused& f, int64_t at, Isa isa);
 
 struct ConvShape {

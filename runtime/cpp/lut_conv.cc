@@ -98,7 +98,7 @@ constexpr std::array<ONNXTensorElementDataType, N> ConvInputs() {
 template <bool kQuant>
 constexpr auto ConvOutputs() {
   if constexpr (kQuant) {
-    return std::array<ONNXTensorElementDataType, 1>{kU8};
+    return std::array<ONNXTensorElementDataType, 2>{kU8, kU8};
   } else {
     return std::array<ONNXTensorElementDataType, 2>{kF32, kU8};
   }
@@ -108,12 +108,13 @@ constexpr auto ConvOutputs() {
 template <bool kQuant>
 struct LutConvT {
   static constexpr const char* kName = kQuant ? "LutConvQuant" : "LutConv";
-  // X, Codes (uint8), Codebook, Scale, Bias, Residual, QScale, QThresholds
-  static constexpr auto kInputs = ConvInputs<8>();
-  // LutConv: Y and optionally its levels Q; LutConvQuant: Q
+  // X, Codes (uint8), Codebook, Scale, Bias, Residual, QScale, QThresholds (LutConvQuant:
+  // QScale2, QThresholds2)
+  static constexpr auto kInputs = ConvInputs<kQuant ? 10 : 8>();
+  // LutConv: Y and optionally its levels Q; LutConvQuant: Q and optionally Q2
   static constexpr auto kOutputs = ConvOutputs<kQuant>();
-  static constexpr uint32_t kOptionalInputs = kQuant ? 0x30u : 0xF0u;
-  static constexpr uint32_t kOptionalOutputs = kQuant ? 0u : 0x2u;
+  static constexpr uint32_t kOptionalInputs = kQuant ? 0x330u : 0xF0u;
+  static constexpr uint32_t kOptionalOutputs = 0x2u;
 
   explicit LutConvT(const OrtKernelInfo* info) : isa_(SelectIsa()) {
     bits_ = BitsAttr(info);
@@ -190,6 +191,15 @@ struct LutConvT {
     if (kQuant) {
       f.levels = GetLevels(ctx, 6, 7, "QScale", "QThresholds");
       f.q = ctx.GetOutput(0, yshape).GetTensorMutableData<uint8_t>();
+      const bool second = ctx.GetOutputCount() > 1;
+      Check(!second || (HasInput(ctx, 8) && HasInput(ctx, 9)),
+            "output Q2 needs inputs QScale2 and QThresholds2");
+      Check(second || !(HasInput(ctx, 8) || HasInput(ctx, 9)),
+            "QScale2 and QThresholds2 need output Q2");
+      if (second) {
+        f.levels2 = GetLevels(ctx, 8, 9, "QScale2", "QThresholds2");
+        f.q2 = ctx.GetOutput(1, yshape).GetTensorMutableData<uint8_t>();
+      }
     } else {
       const bool levels = ctx.GetOutputCount() > 1;
       const bool inputs = HasInput(ctx, 6) || HasInput(ctx, 7);
@@ -215,7 +225,7 @@ struct LutConvT {
     std::vector<float> buffer(kQuant ? static_cast<size_t>(total) : 0);
     if (kQuant) y = buffer.data();
     ComputeFloat(ctx, g, x, lut, af, y);
-    if (!f.residual && !f.relu && !f.q) return;
+    if (!f.residual && !f.relu && !f.q && !f.q2) return;
     constexpr int64_t kChunk = 1 << 14;
     ParallelFor(ctx, static_cast<size_t>((total + kChunk - 1) / kChunk), [&](size_t t) {
       const int64_t i0 = static_cast<int64_t>(t) * kChunk;

@@ -104,16 +104,18 @@ def lut_conv(
 
 
 def level_output_wanted(
-    op: str, outputs: Sequence[str], qscale: object, qthresholds: object
+    op: str, outputs: Sequence[str], qscale: object, qthresholds: object, suffix: str = ""
 ) -> bool:
-    """Whether a LutConv node lists its second output Q (it must then have QScale and
-    QThresholds, and may have them only then), else ValueError; ``outputs`` are its output
-    names ("" is an absent output)."""
+    """Whether a node lists its second output (LutConv's Q, LutConvQuant's Q2 with suffix
+    "2"): it must then have QScale and QThresholds (+ suffix), and may have them only then,
+    else ValueError; ``outputs`` are its output names ("" is an absent output)."""
     wanted = len(outputs) > 1 and outputs[1] != ""
+    out = "Q2" if suffix else "Q"
+    params = f"QScale{suffix} and QThresholds{suffix}"
     if wanted and (qscale is None or qthresholds is None):
-        raise ValueError(f"{op}: output Q needs inputs QScale and QThresholds")
+        raise ValueError(f"{op}: output {out} needs inputs {params}")
     if not wanted and (qscale is not None or qthresholds is not None):
-        raise ValueError(f"{op}: QScale and QThresholds need output Q")
+        raise ValueError(f"{op}: {params} need output {out}")
     return wanted
 
 

@@ -1,11 +1,12 @@
-"""LutConvQuant: ``ThresholdQuant(LutConv(...), QScale, QThresholds)`` in one op
-(docs/onnx-ops.md), computed by composing the two references."""
+"""LutConvQuant: ``ThresholdQuant(LutConv(...), QScale, QThresholds)`` in one op, and
+optionally Q2 with a second quantizer (docs/onnx-ops.md), computed by composing the two
+references."""
 
 from __future__ import annotations
 
 from onnx.reference.op_run import OpRun
 
-from runtime.reference.op_lut_conv import lut_conv
+from runtime.reference.op_lut_conv import level_output_wanted, lut_conv
 from runtime.reference.op_threshold_quant import check_quant_params, quantize
 from runtime.schema import DOMAIN, attribute_defaults
 
@@ -27,6 +28,8 @@ class LutConvQuant(OpRun):
         Residual,
         QScale,
         QThresholds,
+        QScale2=None,
+        QThresholds2=None,
         bits=_DEFAULTS["bits"],
         kernel_shape=_DEFAULTS["kernel_shape"],
         strides=_DEFAULTS["strides"],
@@ -37,7 +40,12 @@ class LutConvQuant(OpRun):
     ):
         op = "LutConvQuant"
         qscale, thr = check_quant_params(op, QScale, QThresholds, ("QScale", "QThresholds"))
+        second = None
+        if level_output_wanted(op, self.onnx_node.output, QScale2, QThresholds2, "2"):
+            names = ("QScale2", "QThresholds2")
+            second = check_quant_params(op, QScale2, QThresholds2, names)
         attrs = dict(bits=bits, kernel_shape=kernel_shape, strides=strides, pads=pads)
         attrs.update(dilations=dilations, group=group, relu=relu)
         y = lut_conv(op, X, Codes, Codebook, Scale, Bias, Residual, **attrs)
-        return (quantize(y, qscale, thr),)
+        q = quantize(y, qscale, thr)
+        return (q,) if second is None else (q, quantize(y, *second))
