@@ -468,6 +468,71 @@ def test_lut_conv_quant_exact_ties(so2):
             np.testing.assert_array_equal(got, ref)
 
 
+@pytest.mark.parametrize(
+    "relu, qscale, t, width",
+    [
+        (0, 1.0, 3, 30),
+        (1, 0.5, 7, 30),
+        (0, -1.0, 3, 9),
+        (1, -2.0, 15, 30),
+        (0, 0.0, 2, 30),
+        (1, 1.0, 40, 9),
+    ],
+)
+def test_lut_conv_quant_levels_from_integer_sums(so2, relu, qscale, t, width):
+    """Without a residual the int8 path counts the levels on the exact sums, against integer
+    thresholds derived from Scale, Bias, relu, QScale and QThresholds (IntLevels). With exact
+    products (power-of-two scales of both signs and zero, integer biases) every level equals the
+    reference's, ties at thresholds included: values that rise, fall or stay constant with the
+    sum, 40 input channels (channel-lane tiles), 2 to 40 thresholds."""
+    rng = np.random.default_rng(34 + t)
+    m, c = 40, 40
+    inputs = {
+        "X": rng.integers(0, 4, size=(2, c, 7, width), dtype=np.uint8),
+        "Codes": pack_rows(rng.integers(0, 8, size=(m, c * 9)), 3),
+        "Codebook": np.arange(-4, 4).astype(np.float32),  # integers: the exact int8 path
+        "Scale": rng.choice([-2, -1, -0.5, 0, 0.5, 1, 2], size=m).astype(np.float32),
+        "Bias": rng.integers(-6, 7, size=m).astype(np.float32),
+    }
+    attrs = {"bits": 3, "kernel_shape": [3, 3], "pads": [1, 1, 1, 1], "relu": relu}
+    v = np.float32(qscale) * run_single("LutConv", inputs, attrs)
+    ties = rng.choice(v.ravel(), size=t - t // 2)  # values that occur, often ones likelier
+    between = rng.choice(v.ravel(), size=t // 2) + np.float32(0.25)
+    thr = np.sort(np.concatenate([ties, between])).astype(np.float32)
+    assert np.isin(v, thr).sum() >= 10  # ties do occur
+    inputs.update(Residual=None, QScale=np.array(qscale, np.float32), QThresholds=thr)
+    ref = run_single("LutConvQuant", inputs, attrs)
+    for constants in ((), ("Codes", "Codebook", "Scale", "Bias", "QScale", "QThresholds")):
+        got = run_ort(so2, "LutConvQuant", inputs, attrs, constants)
+        np.testing.assert_array_equal(got, ref)
+
+
+def test_lut_conv_quant_levels_from_sums_match_the_float_epilogue(so2):
+    """The levels counted on the int8 sums (LutConvQuant without a residual) equal, bit for bit,
+    those the float epilogue counts on the kernel's own float outputs (LutConv's output Q), with
+    any scales and thresholds placed exactly on output values: the integer thresholds follow the
+    epilogue's float32 arithmetic (one fused multiply-add), not just the real-number map."""
+    rng = np.random.default_rng(35)
+    m, c = 48, 40
+    inputs = {
+        "X": rng.integers(0, 16, size=(2, c, 8, 30), dtype=np.uint8),
+        "Codes": pack_rows(rng.integers(0, 8, size=(m, c * 9)), 3),
+        "Codebook": np.arange(-4, 4).astype(np.float32),
+        "Scale": rng.uniform(-1, 1, size=m).astype(np.float32),
+        "Bias": rng.normal(size=m).astype(np.float32),
+    }
+    for relu in (0, 1):
+        attrs = {"bits": 3, "kernel_shape": [3, 3], "pads": [1, 1, 1, 1], "relu": relu}
+        y = run_ort(so2, "LutConv", inputs, attrs)
+        qscale = np.float32(0.75)
+        thr = np.sort(rng.choice((qscale * y).ravel(), size=7)).astype(np.float32)
+        quant = {**inputs, "Residual": None, "QScale": np.array(qscale), "QThresholds": thr}
+        _, q_float = run_ort(so2, "LutConv", quant, attrs, outputs=("Y", "Q"))
+        q_sums = run_ort(so2, "LutConvQuant", quant, attrs)
+        assert np.isin(qscale * y, thr).sum() >= 7
+        np.testing.assert_array_equal(q_sums, q_float)
+
+
 def test_lut_conv_with_levels_output_matches_reference(so2):
     """LutConv writing Y and its levels Q (a residual block's output): every path."""
     cases = fused_cases(seed=27, count=200, quant=True)

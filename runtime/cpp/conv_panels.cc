@@ -3,6 +3,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cmath>
 #include <array>
 #include <cstring>
 #include <memory>
@@ -103,8 +104,8 @@ __attribute__((target("avx512f"))) void Tile(const TileArgs& a) {
 // 32-bit lane: vpdpbusd adds the 4 products of a channel quad to each output channel's int32
 // sum, which is exact (the caller checks 255 * 128 * 4 * quads * taps < 2^31).
 template <int NB, int NQ>
-__attribute__((target("avx512f,avx512bw,avx512vnni"))) void TileInt(const TileArgs& a) {
-  __m512i acc[NB][NQ];  // every loop over acc is unrolled, or GCC keeps it in memory
+__attribute__((target("avx512f,avx512bw,avx512vnni"), always_inline)) inline void SumsInt(
+    const TileArgs& a, __m512i (&acc)[NB][NQ]) {
 #pragma GCC unroll 2
   for (int b = 0; b < NB; ++b) {
 #pragma GCC unroll 32
@@ -131,6 +132,12 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void TileInt(const TileAr
       }
     }
   }
+}
+
+template <int NB, int NQ>
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) void TileInt(const TileArgs& a) {
+  __m512i acc[NB][NQ];  // every loop over acc is unrolled, or GCC keeps it in memory
+  SumsInt<NB, NQ>(a, acc);
 #pragma GCC unroll 2
   for (int b = 0; b < NB; ++b) {
     const __m512 s = _mm512_loadu_ps(a.scale + b * kLanes);
@@ -428,21 +435,16 @@ constexpr ByteTranspose MakeByteTranspose() {
 }
 constexpr ByteTranspose kByteTranspose = MakeByteTranspose();
 
-// One quantizer's levels of a tile column (t: 16 channels, `lanes` of them real; n <= 16
-// outputs) to the NCHW rows of q (channel 0, the column's first output).
-template <bool RELU>
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi"))) inline void StoreLevelColumn(
-    const float* t, int64_t n, int64_t lanes, const LevelCounter& lc, uint8_t* q, int64_t P) {
-  const __m512i z0 = LevelGroup<RELU>(t, 0, lc);
-  const __m512i z1 = n > 4 ? LevelGroup<RELU>(t, 1, lc) : _mm512_setzero_si512();
-  const __m512i z2 = n > 8 ? LevelGroup<RELU>(t, 2, lc) : _mm512_setzero_si512();
-  const __m512i z3 = n > 12 ? LevelGroup<RELU>(t, 3, lc) : _mm512_setzero_si512();
+// The levels z (LevelGroup's packing) of n <= 16 outputs of 16 channels, `lanes` of them real,
+// to the NCHW rows of q (channel 0 at the first output): 4 channels per pair of byte permutes.
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi"))) inline void StoreLevelBytes(
+    const __m512i (&z)[4], int64_t n, int64_t lanes, uint8_t* q, int64_t P) {
   const uint64_t bytes = n == 16 ? 0xFFFFull : (1ull << n) - 1;
   for (int64_t k = 0; 4 * k < lanes; ++k) {
     const __m512i idx = _mm512_load_si512(kByteTranspose.idx[k]);
-    __m512i w = _mm512_permutex2var_epi8(z0, idx, z1);
+    __m512i w = _mm512_permutex2var_epi8(z[0], idx, z[1]);
     if (n > 8) {
-      w = _mm512_mask_mov_epi8(w, 0xFF00FF00FF00FF00ull, _mm512_permutex2var_epi8(z2, idx, z3));
+      w = _mm512_mask_mov_epi8(w, 0xFF00FF00FF00FF00ull, _mm512_permutex2var_epi8(z[2], idx, z[3]));
     }
     for (int64_t l = 0; l < 4 && 4 * k + l < lanes; ++l) {
       // Bytes [16 l, 16 l + n) of w to the channel's row (a masked store: only those bytes are
@@ -450,6 +452,18 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi"))) inline void Stor
       _mm512_mask_storeu_epi8(q + (4 * k + l) * P - 16 * l, bytes << (16 * l), w);
     }
   }
+}
+
+// One quantizer's levels of a tile column (t: 16 channels, `lanes` of them real; n <= 16
+// outputs) to the NCHW rows of q (channel 0, the column's first output).
+template <bool RELU>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi"))) inline void StoreLevelColumn(
+    const float* t, int64_t n, int64_t lanes, const LevelCounter& lc, uint8_t* q, int64_t P) {
+  const __m512i z[4] = {
+      LevelGroup<RELU>(t, 0, lc), n > 4 ? LevelGroup<RELU>(t, 1, lc) : _mm512_setzero_si512(),
+      n > 8 ? LevelGroup<RELU>(t, 2, lc) : _mm512_setzero_si512(),
+      n > 12 ? LevelGroup<RELU>(t, 3, lc) : _mm512_setzero_si512()};
+  StoreLevelBytes(z, n, lanes, q, P);
 }
 
 // The levels-only epilogue (no residual, no float output): the per-tensor thresholds are
@@ -472,6 +486,70 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi"))) void StoreTileLe
     }
   }
 }
+
+// Where TileIntLevels writes: per quantizer (q[1]: Q2 or nullptr), the levels rows (channel m0
+// at the tile's first output) and the panel's integer thresholds (IntLevels).
+struct LevelOut {
+  uint8_t* q[2];
+  const int32_t* tau[2];   // the panel's [block][T][16]
+  const int32_t* flip[2];  // the panel's [block][16]
+  int T[2];
+  int64_t mcount, P;
+};
+
+// The levels of 4 outputs of one block from their sums (outputs past NQ: zeros), packed as
+// LevelGroup's.
+template <int NQ, int G>
+__attribute__((target("avx512f,avx512bw,avx512vl"), always_inline)) inline __m512i IntLevelGroup(
+    const __m512i* acc, const int32_t* tau, int T, __m512i flip) {
+  const __m512i one = _mm512_set1_epi32(1);
+  __m512i c[4];
+#pragma GCC unroll 4
+  for (int s = 0; s < 4; ++s) {
+    c[s] = _mm512_setzero_si512();
+    if (4 * G + s >= NQ) continue;
+    const __m512i x = _mm512_xor_si512(acc[4 * G + s], flip);
+    for (int k = 0; k < T; ++k) {
+      const __mmask16 ge = _mm512_cmpge_epi32_mask(x, _mm512_loadu_si512(tau + k * kLanes));
+      c[s] = _mm512_mask_add_epi32(c[s], ge, c[s], one);
+    }
+  }
+  return _mm512_packus_epi16(_mm512_packus_epi32(c[0], c[1]), _mm512_packus_epi32(c[2], c[3]));
+}
+
+// TileInt with LutConvQuant's levels (no residual) counted from the int32 sums in registers
+// against integer thresholds (IntLevels), transposed to NCHW rows with byte permutes: no float
+// tile, no float epilogue.
+template <int NB, int NQ>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi"))) void TileIntLevels(
+    const TileArgs& a, const LevelOut& o) {
+  static_assert(NQ <= 16, "one group of 16 outputs");
+  __m512i acc[NB][NQ];  // every loop over acc is unrolled, or GCC keeps it in memory
+  SumsInt<NB, NQ>(a, acc);
+  for (int u = 0; u < 2 && o.q[u]; ++u) {
+#pragma GCC unroll 2
+    for (int b = 0; b < NB; ++b) {
+      const int64_t lanes = std::min<int64_t>(kLanes, o.mcount - b * kLanes);
+      const int32_t* tau = o.tau[u] + b * o.T[u] * kLanes;
+      const __m512i flip = _mm512_loadu_si512(o.flip[u] + b * kLanes);
+      const __m512i zero = _mm512_setzero_si512();
+      const __m512i z[4] = {IntLevelGroup<NQ, 0>(acc[b], tau, o.T[u], flip),
+                            NQ > 4 ? IntLevelGroup<NQ, 1>(acc[b], tau, o.T[u], flip) : zero,
+                            NQ > 8 ? IntLevelGroup<NQ, 2>(acc[b], tau, o.T[u], flip) : zero,
+                            NQ > 12 ? IntLevelGroup<NQ, 3>(acc[b], tau, o.T[u], flip) : zero};
+      StoreLevelBytes(z, NQ, lanes, o.q[u] + b * kLanes * o.P, o.P);
+    }
+  }
+}
+
+using TileLevelsFn = void (*)(const TileArgs&, const LevelOut&);
+template <int NB, size_t... Q>
+constexpr std::array<TileLevelsFn, sizeof...(Q)> TilesIntLevels(std::index_sequence<Q...>) {
+  return {&TileIntLevels<NB, static_cast<int>(Q) + 1>...};
+}
+constexpr std::array<TileLevelsFn, kMaxQInt> kTilesIntLevels[2] = {
+    TilesIntLevels<1>(std::make_index_sequence<kMaxQInt>{}),
+    TilesIntLevels<2>(std::make_index_sequence<kMaxQInt>{})};
 
 // An epilogue as an index into the tables of store instances <RES, RELU, FLOATS, QUANT>.
 inline int EpilogueIndex(const Fused& f, bool floats) {
@@ -703,6 +781,97 @@ std::shared_ptr<const Packed> Cache::Get(const Lut& lut, Kind kind, int64_t C, i
   return packed_;
 }
 
+namespace {
+
+// g(acc) of IntLevels: what the float epilogue compares with the thresholds for sum acc.
+inline float LevelInput(int64_t acc, float s, float b, bool relu, float qscale) {
+  float v = std::fma(static_cast<float>(static_cast<int32_t>(acc)), s, b);  // cvt, fmadd
+  if (relu) v = v < 0.0f ? 0.0f : v;
+  return qscale * v;
+}
+
+}  // namespace
+
+bool MakeIntLevels(const Affine& af, const Levels& lv, bool relu, int64_t M, int64_t bound,
+                   IntLevels* out) {
+  if (!std::isfinite(lv.scale)) return false;
+  const int64_t blocks = (M + kLanes - 1) / kLanes, T = lv.T;
+  const int64_t never = bound + 1;  // above every sum (and every flipped sum)
+  out->T = lv.T;
+  out->tau.assign(static_cast<size_t>(blocks * T * kLanes), static_cast<int32_t>(never));
+  out->flip.assign(static_cast<size_t>(blocks * kLanes), 0);
+  for (int64_t m = 0; m < M; ++m) {
+    const float s = af.scale[m * af.scale_step], b = af.bias ? af.bias[m] : 0.0f;
+    if (!std::isfinite(s) || !std::isfinite(b)) return false;
+    // g rises with acc when s and QScale have the same sign, falls when they differ.
+    const int dir = (s > 0.0f ? 1 : s < 0.0f ? -1 : 0) * (lv.scale > 0.0f ? 1 : lv.scale < 0.0f ? -1 : 0);
+    auto holds = [&](int64_t acc, float t) { return LevelInput(acc, s, b, relu, lv.scale) >= t; };
+    if (dir < 0) out->flip[(m / kLanes) * kLanes + m % kLanes] = -1;
+    for (int64_t k = 0; k < T; ++k) {
+      const float t = lv.t[k];
+      int64_t tau = never;
+      if (dir == 0) {
+        if (holds(0, t)) tau = -bound - 1;
+      } else if (dir > 0 && holds(bound, t)) {  // the least acc that reaches t
+        int64_t lo = -bound, hi = bound;
+        while (lo < hi) {
+          const int64_t mid = lo + (hi - lo) / 2;
+          holds(mid, t) ? hi = mid : lo = mid + 1;
+        }
+        tau = lo;
+      } else if (dir < 0 && holds(-bound, t)) {  // the greatest acc A that reaches t: ~acc >= ~A
+        int64_t lo = -bound, hi = bound;
+        while (lo < hi) {
+          const int64_t mid = lo + (hi - lo + 1) / 2;
+          holds(mid, t) ? lo = mid : hi = mid - 1;
+        }
+        tau = -lo - 1;
+      }
+      out->tau[((m / kLanes) * T + k) * kLanes + m % kLanes] = static_cast<int32_t>(tau);
+    }
+  }
+  return true;
+}
+
+std::shared_ptr<const IntLevels> LevelCache::Get(const Affine& af, const Levels& lv, bool relu,
+                                                 int64_t M, int64_t bound) {
+  // The key: M, bound, relu, whether there is a bias, QScale, the scales, biases, thresholds.
+  const float head[5] = {static_cast<float>(M), static_cast<float>(bound), relu ? 1.0f : 0.0f,
+                         af.bias ? 1.0f : 0.0f, lv.scale};
+  const size_t size = 5 + static_cast<size_t>(M * (af.bias ? 2 : 1) + lv.T);
+  // Compared as bytes, without building the key on the way (a NaN, refused below, matches
+  // itself).
+  auto same = [&](const float* k) {
+    auto eq = [](const float* a, const float* b, size_t n) {
+      return std::memcmp(a, b, n * sizeof(float)) == 0;
+    };
+    if (!eq(k, head, 5)) return false;
+    k += 5;
+    if (af.scale_step == 1) {
+      if (!eq(k, af.scale, static_cast<size_t>(M))) return false;
+    } else {
+      for (int64_t m = 0; m < M; ++m) {
+        if (std::memcmp(&k[m], af.scale, sizeof(float)) != 0) return false;
+      }
+    }
+    k += M;
+    if (af.bias) {
+      if (!eq(k, af.bias, static_cast<size_t>(M))) return false;
+      k += M;
+    }
+    return eq(k, lv.t, static_cast<size_t>(lv.T));
+  };
+  std::lock_guard<std::mutex> lock(mu_);
+  if (key_.size() == size && same(key_.data())) return levels_;
+  key_.assign(head, head + 5);
+  for (int64_t m = 0; m < M; ++m) key_.push_back(af.scale[m * af.scale_step]);
+  if (af.bias) key_.insert(key_.end(), af.bias, af.bias + M);
+  key_.insert(key_.end(), lv.t, lv.t + lv.T);
+  auto made = std::make_shared<IntLevels>();
+  levels_ = MakeIntLevels(af, lv, relu, M, bound, made.get()) ? std::move(made) : nullptr;
+  return levels_;
+}
+
 void Finish(float* v, int64_t n, const Fused& f, int64_t at, Isa isa) {
   if (f.residual) {
     const float* r = f.residual + at;
@@ -870,6 +1039,18 @@ void Conv(const Ort::KernelContext& ctx, const ConvShape& s, const uint8_t* x, c
       1, std::min<int64_t>(kChunkQ / s.OW, row_tasks / (2 * static_cast<int64_t>(TaskHint()))));
   const int64_t rchunks = (s.OH + rows_per_task - 1) / rows_per_task;
   const StoreFn store = ChooseStore(f, y != nullptr);
+  // LutConvQuant without a residual on the int8 path: levels straight from the sums (IntLevels;
+  // |sum| <= 255 * 128 per product).
+  const int64_t sum_bound = 255 * 128 * 4 * groups * taps;
+  std::shared_ptr<const IntLevels> ilv[2];
+  bool int_levels = integer && f.q && !f.residual && !y && f.level_cache[0] && HasVbmi() &&
+                    sum_bound < (int64_t{1} << 30);
+  for (int u = 0; u < 2 && int_levels && (u == 0 || f.q2); ++u) {
+    ilv[u] = f.level_cache[u] ? f.level_cache[u]->Get(af, u ? f.levels2 : f.levels, f.relu, s.M,
+                                                      sum_bound)
+                              : nullptr;
+    int_levels = ilv[u] != nullptr;
+  }
   // Residual prefetch distance in tiles: about 256 k-steps of sums (one 3x3 tile of 64
   // channels; several tiles of a 1x1 layer) to cover a memory access.
   const int64_t ahead = std::clamp<int64_t>(256 / std::max<int64_t>(1, groups * taps), 1, 8);
@@ -930,6 +1111,15 @@ void Conv(const Ort::KernelContext& ctx, const ConvShape& s, const uint8_t* x, c
     const TileFn* tiles = integer   ? kTilesInt[nb - 1].data()
                           : nb == 2 ? kTilesFloat2.data()
                                     : kTilesFloat1.data();
+    const TileLevelsFn* level_tiles = int_levels ? kTilesIntLevels[nb - 1].data() : nullptr;
+    LevelOut lo{};
+    for (int u = 0; u < 2 && level_tiles && ilv[u]; ++u) {
+      lo.T[u] = ilv[u]->T;
+      lo.tau[u] = ilv[u]->tau.data() + 2 * p * ilv[u]->T * kLanes;
+      lo.flip[u] = ilv[u]->flip.data() + 2 * p * kLanes;
+    }
+    lo.mcount = mcount;
+    lo.P = P;
     // This task's share of the next chunk's input lines, a few with each tile.
     int64_t l0 = static_cast<int64_t>(task) * next_lines / chunk_tasks;
     const int64_t l1 = (static_cast<int64_t>(task) + 1) * next_lines / chunk_tasks;
@@ -951,6 +1141,13 @@ void Conv(const Ort::KernelContext& ctx, const ConvShape& s, const uint8_t* x, c
         if (l0 < l1) {
           PrefetchLines(next_x, l0, std::min(l1, l0 + per_tile));
           l0 += per_tile;
+        }
+        if (level_tiles) {
+          const int64_t at = base + oh * s.OW + ow0;
+          lo.q[0] = f.q + at;
+          lo.q[1] = f.q2 ? f.q2 + at : nullptr;
+          level_tiles[nq - 1](a, lo);
+          continue;
         }
         tiles[nq - 1](a);
         store(tile, nq, mcount, OutputsAt(f, y, base + oh * s.OW + ow0), P);

@@ -60,6 +60,36 @@ class Cache {
   std::shared_ptr<const Packed> packed_;
 };
 
+// LutConvQuant's levels on the int8 path straight from the exact int32 sums acc: for output
+// channel m the level is #{k : g(acc) >= t[k]} with g(acc) = QScale * R(fma(float(acc), s_m,
+// b_m)) as the float epilogue computes it (R: relu or the identity). g is monotone in acc, so
+// each (m, k) has an integer threshold: level = #{k : (acc ^ flip[m]) >= tau[m][k]}, flip = -1
+// (acc -> -acc - 1) where g decreases. Layout for the tiles: per block of 16 channels, T
+// vectors of 16 thresholds, and 16 flips.
+struct IntLevels {
+  int T = 0;
+  std::vector<int32_t> tau;   // [blocks][T][16]
+  std::vector<int32_t> flip;  // [blocks][16]
+};
+
+// The IntLevels of M channels (scale, bias: as Affine) for the quantizer lv, sums within
+// [-bound, bound]; false (nothing made) when a scale, bias or QScale is not finite.
+bool MakeIntLevels(const Affine& af, const Levels& lv, bool relu, int64_t M, int64_t bound,
+                   IntLevels* out);
+
+// The IntLevels of a layer's quantizer, made on first use and kept while Scale, Bias, QScale,
+// QThresholds, relu and the bound stay the same (compared by value: cheap next to the layer).
+class LevelCache {
+ public:
+  std::shared_ptr<const IntLevels> Get(const Affine& af, const Levels& lv, bool relu, int64_t M,
+                                       int64_t bound);
+
+ private:
+  std::mutex mu_;
+  std::vector<float> key_;
+  std::shared_ptr<const IntLevels> levels_;
+};
+
 // What follows Scale and Bias in LutConv / LutConvQuant (docs/onnx-ops.md): + Residual, relu,
 // and for LutConvQuant the thresholds, counted into uint8 levels instead of writing floats.
 struct Fused {
@@ -69,6 +99,7 @@ struct Fused {
   Levels levels;         // their QScale and QThresholds
   uint8_t* q2 = nullptr;  // LutConvQuant's output Q2 (only with q), or nullptr
   Levels levels2;         // its QScale2 and QThresholds2
+  LevelCache* level_cache[2] = {nullptr, nullptr};  // LutConvQuant's, for q and q2
 };
 
 // The fused epilogue on n consecutive outputs v (in place) at flat output index `at`; with f.q

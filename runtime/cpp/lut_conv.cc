@@ -191,6 +191,8 @@ struct LutConvT {
     if (kQuant) {
       f.levels = GetLevels(ctx, 6, 7, "QScale", "QThresholds");
       f.q = ctx.GetOutput(0, yshape).GetTensorMutableData<uint8_t>();
+      f.level_cache[0] = &level_cache_[0];
+      f.level_cache[1] = &level_cache_[1];
       const bool second = ctx.GetOutputCount() > 1;
       Check(!second || (HasInput(ctx, 8) && HasInput(ctx, 9)),
             "output Q2 needs inputs QScale2 and QThresholds2");
@@ -439,6 +441,7 @@ struct LutConvT {
   bool relu_ = false;
   bool constant_ = false;
   mutable panels::Cache cache_;
+  mutable panels::LevelCache level_cache_[2];  // LutConvQuant: Q's and Q2's
 };
 
 }  // namespace
