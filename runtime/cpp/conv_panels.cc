@@ -1121,9 +1121,12 @@ void Conv(const Ort::KernelContext& ctx, const ConvShape& s, const uint8_t* x, c
     lo.mcount = mcount;
     lo.P = P;
     // This task's share of the next chunk's input lines, a few with each tile.
-    int64_t l0 = static_cast<int64_t>(task) * next_lines / chunk_tasks;
-    const int64_t l1 = (static_cast<int64_t>(task) + 1) * next_lines / chunk_tasks;
-    const int64_t per_tile = (l1 - l0 + ntiles - 1) / std::max<int64_t>(ntiles, 1);
+    int64_t l0 = 0, l1 = 0, per_tile = 0;
+    if (next_lines > 0) {
+      l0 = static_cast<int64_t>(task) * next_lines / chunk_tasks;
+      l1 = (static_cast<int64_t>(task) + 1) * next_lines / chunk_tasks;
+      per_tile = (l1 - l0 + ntiles - 1) / std::max<int64_t>(ntiles, 1);
+    }
     for (int64_t oh = oh0; oh < oh_end; ++oh) {
       for (int64_t part = 0; part < parts; ++part) {
         const int64_t ow0 = starts[part], nq = starts[part + 1] - ow0;
