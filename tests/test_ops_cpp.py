@@ -433,6 +433,26 @@ def test_lut_conv_quant_second_output_and_its_inputs_go_together(so2):
             run_single("LutConvQuant", {**inputs, **extra}, attrs, outputs=outputs)
 
 
+@pytest.mark.parametrize(
+    "second, reason",
+    [
+        ({"QThresholds2": np.array([1.0, 0.0], np.float32)}, "QThresholds2 must be non-decreasing"),
+        ({"QThresholds2": np.zeros(0, np.float32)}, "1..255 entries"),
+        ({"QScale2": np.ones(2, np.float32)}, "QScale2 must be a scalar"),
+    ],
+)
+def test_lut_conv_quant_bad_second_quantizer_is_an_error(so2, second, reason):
+    inputs, attrs = _conv_ok()
+    inputs = {**inputs, "Residual": None, "QScale": np.array(1.0, np.float32)}
+    inputs.update(QThresholds=np.array([0.5], np.float32), QScale2=np.array(1.0, np.float32))
+    inputs.update(QThresholds2=np.array([0.5], np.float32))
+    inputs.update(second)
+    with pytest.raises(ValueError):  # the reference agrees the case is malformed
+        run_single("LutConvQuant", inputs, attrs, outputs=("Q", "Q2"))
+    with pytest.raises(ORT_ERRORS, match=reason):
+        run_ort(so2, "LutConvQuant", inputs, attrs, outputs=("Q", "Q2"))
+
+
 def test_lut_conv_fused_residual_relu_matches_reference(so2):
     cases = fused_cases(seed=21, count=250, quant=False)
     check_cases(so2, "LutConv", cases)
