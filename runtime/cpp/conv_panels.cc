@@ -686,6 +686,40 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void Interleave4(const uint
   }
 }
 
+// Stride 2, AVX-512 VBMI: dst cell b = the 4 rows' bytes at column 2b + start, for b in
+// [lo, hi) (all inside the rows of n bytes; a null row gives zeros), 16 cells per step: each
+// row's next 32 bytes, and one two-register byte permute picks the even ones and interleaves
+// the rows (no scratch row of cells, no second copy per column phase).
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi"))) void GatherCells2(
+    const uint8_t* const rows[4], int64_t n, int64_t start, int64_t lo, int64_t hi,
+    uint8_t* dst) {
+  alignas(64) static constexpr auto kIdx = [] {
+    std::array<uint8_t, 64> idx{};
+    for (int i = 0; i < 16; ++i) {
+      for (int r = 0; r < 4; ++r) idx[4 * i + r] = static_cast<uint8_t>(32 * r + 2 * i);
+    }
+    return idx;
+  }();
+  const __m512i idx = _mm512_load_si512(kIdx.data());
+  for (int64_t b0 = lo; b0 < hi; b0 += 16) {
+    const int64_t nb = std::min<int64_t>(16, hi - b0), col0 = 2 * b0 + start;
+    const int64_t avail = std::min<int64_t>(32, n - col0);  // >= 1: cell b0 is inside
+    const __mmask32 in = avail >= 32 ? ~__mmask32{0} : (__mmask32{1} << avail) - 1;
+    __m256i r[4];
+    for (int k = 0; k < 4; ++k) {
+      r[k] = rows[k] ? _mm256_maskz_loadu_epi8(in, rows[k] + col0) : _mm256_setzero_si256();
+    }
+    const __m512i a = _mm512_inserti64x4(_mm512_castsi256_si512(r[0]), r[1], 1);
+    const __m512i b = _mm512_inserti64x4(_mm512_castsi256_si512(r[2]), r[3], 1);
+    const __m512i cells = _mm512_permutex2var_epi8(a, idx, b);
+    if (nb == 16) {
+      _mm512_storeu_si512(dst + 4 * b0, cells);
+    } else {
+      _mm512_mask_storeu_epi8(dst + 4 * b0, (__mmask64{1} << (4 * nb)) - 1, cells);
+    }
+  }
+}
+
 // dst[b] = row[b * step + start] for b in [lo, hi) (all inside the row).
 inline void GatherColumns(const uint8_t* row, int64_t lo, int64_t hi, int64_t step, int64_t start,
                           uint8_t* dst) {
@@ -943,7 +977,9 @@ void Conv(const Ort::KernelContext& ctx, const ConvShape& s, const uint8_t* x, c
     hi[pw] = std::max(lo[pw], last < 0 ? 0 : std::min(Wq, last / s.sW + 1));
   }
   // Integer path: each input row's 4 channels are interleaved once into cells, then every
-  // column phase copies its cells out (a 4-byte copy per cell).
+  // column phase copies its cells out (a 4-byte copy per cell); at stride 2 with VBMI, each
+  // column phase gathers its cells straight from the rows (GatherCells2).
+  const bool gather2 = s.sW == 2 && HasVbmi();
   auto convert_quads = [&](size_t t) {
     const int64_t n = n0 + static_cast<int64_t>(t) / groups, g = static_cast<int64_t>(t) % groups;
     auto* cells = reinterpret_cast<uint8_t*>(ThreadScratch<kConvPhaseRows>(s.W));
@@ -959,7 +995,7 @@ void Conv(const Ort::KernelContext& ctx, const ConvShape& s, const uint8_t* x, c
           const int64_t c = 4 * g + r;
           rows[r] = inside && c < s.C ? x + ((n * s.C + c) * s.H + ih) * s.W : nullptr;
         }
-        if (inside && s.sW > 1) Interleave4(rows, s.W, cells);
+        if (inside && s.sW > 1 && !gather2) Interleave4(rows, s.W, cells);
         for (int64_t pw = 0; pw < s.sW; ++pw) {
           if (!used[ph * s.sW + pw]) continue;
           const int64_t off = static_cast<int64_t>(t) * cstride + (ph * s.sW + pw) * PQ;
@@ -971,6 +1007,8 @@ void Conv(const Ort::KernelContext& ctx, const ConvShape& s, const uint8_t* x, c
           std::fill(d, d + 4 * lo[pw], uint8_t{0});
           if (s.sW == 1) {
             Interleave4(rows, s.W, d + 4 * s.pL);
+          } else if (gather2) {
+            GatherCells2(rows, s.W, pw - s.pL, lo[pw], hi[pw], d);
           } else {
             CopyCells(cells, s.W, pw - s.pL, s.sW, lo[pw], hi[pw], d);
           }
