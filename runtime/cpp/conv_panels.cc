@@ -24,6 +24,7 @@ constexpr int64_t kChunkQ = 16 * kMaxQ;  // flat outputs per task
 constexpr int64_t kChunkK = 128;         // k-steps summed in registers before adding up
 constexpr int64_t kPlaneBudget = 1 << 17;  // phase-plane elements per batch chunk (512 KB)
 constexpr int64_t kMinChunkMacs = int64_t{1} << 28;  // multiply-adds per batch chunk, at least
+constexpr int kMaxIntLevelsT = 15;  // thresholds per quantizer for TileIntLevels, at most
 
 // Pixel-lane int8 tiles (TilePix): 8 output channels x up to kMaxV vectors of 16 consecutive
 // flat outputs of the phase-plane grid (OH rows of Wq, the last Wq - OW of each row unused),
@@ -1078,11 +1079,15 @@ void Conv(const Ort::KernelContext& ctx, const ConvShape& s, const uint8_t* x, c
   const int64_t rchunks = (s.OH + rows_per_task - 1) / rows_per_task;
   const StoreFn store = ChooseStore(f, y != nullptr);
   // LutConvQuant without a residual on the int8 path: levels straight from the sums (IntLevels;
-  // |sum| <= 255 * 128 per product).
+  // |sum| <= 255 * 128 per product). Only for up to 15 thresholds (activations of up to 4 bits):
+  // making the integer thresholds costs a binary search per channel and threshold, up to 12 ms
+  // for 255 thresholds of 512 channels, paid again whenever the parameters change, while with
+  // that many thresholds the count itself costs the same either way.
   const int64_t sum_bound = 255 * 128 * 4 * groups * taps;
   std::shared_ptr<const IntLevels> ilv[2];
   bool int_levels = integer && f.q && !f.residual && !y && f.level_cache[0] && HasVbmi() &&
-                    sum_bound < (int64_t{1} << 30);
+                    sum_bound < (int64_t{1} << 30) && f.levels.T <= kMaxIntLevelsT &&
+                    (!f.q2 || f.levels2.T <= kMaxIntLevelsT);
   for (int u = 0; u < 2 && int_levels && (u == 0 || f.q2); ++u) {
     ilv[u] = f.level_cache[u] ? f.level_cache[u]->Get(af, u ? f.levels2 : f.levels, f.relu, s.M,
                                                       sum_bound)
