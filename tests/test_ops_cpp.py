@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 import pytest
+from export_helpers import MODEL_CASES, case_input, onnx_model, run_onnx
 from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 
 from runtime.library import OpLibraryError, build_library, get_library_path, op_names
@@ -653,6 +654,23 @@ def test_lut_conv_pixel_lane_tiles_in_batch_chunks(so2):
     }
     attrs = {"bits": 3, "kernel_shape": [3, 3], "pads": [1, 1, 1, 1], "relu": 1}
     check_with_residual_and_levels(so2, rng, inputs, attrs)
+
+
+@pytest.mark.parametrize(
+    "name, int_codebooks",
+    [(n, False) for n in MODEL_CASES] + [("resnet18", True), ("resnet20", True)],
+)
+def test_exported_models_run_like_the_reference(so2, name, int_codebooks):
+    """Whole exported adq graphs through the op library (every fusion the writer makes: residual
+    and relu epilogues, levels outputs Q and Q2, integer codebooks) give the NumPy reference
+    evaluator's logits, on inputs away from activation thresholds."""
+    model = onnx_model(name, "adq", int_codebooks=int_codebooks)
+    x = case_input(name, batch=3, seed=7)
+    ref = run_onnx(model, x)
+    sess = ort.InferenceSession(model.SerializeToString(), so2, providers=["CPUExecutionProvider"])
+    got = sess.run(None, {"input": x})[0]
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+    np.testing.assert_array_equal(got.argmax(1), ref.argmax(1))
 
 
 def test_lut_conv_constant_codes_run_twice(so2):
