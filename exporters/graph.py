@@ -225,6 +225,17 @@ def _merge_quantizers(
     return q, qscale, qthresholds
 
 
+def _quantizer_groups(
+    readers: list[onnx.NodeProto], y: str, domain: str
+) -> dict[tuple[str, ...], list[onnx.NodeProto]]:
+    """The ThresholdQuant nodes of y among ``readers``, grouped by (Scale, Thresholds)."""
+    groups: dict[tuple[str, ...], list[onnx.NodeProto]] = {}
+    for r in readers:
+        if _quantizes(r, y, domain):
+            groups.setdefault(tuple(r.input[1:]), []).append(r)
+    return groups
+
+
 def _lut_convs(graph: onnx.GraphProto, domain: str) -> list[onnx.NodeProto]:
     """The LutConv nodes without output Q (those a fusion may still change)."""
     return [n for n in graph.node if _is(n, "LutConv", (domain,)) and not _has_levels(n)]
@@ -244,9 +255,7 @@ def fuse_threshold_quant(graph: onnx.GraphProto, domain: str) -> int:
         readers = consumers(graph, y)
         if y in outputs or not all(_quantizes(r, y, domain) for r in readers):
             continue
-        groups: dict[tuple[str, ...], list[onnx.NodeProto]] = {}
-        for r in readers:
-            groups.setdefault(tuple(r.input[1:]), []).append(r)
+        groups = _quantizer_groups(readers, y, domain)
         if not 1 <= len(groups) <= 2 or not all(
             _can_merge(graph, lut, tqs, outputs) for tqs in groups.values()
         ):
@@ -275,10 +284,7 @@ def fuse_level_output(graph: onnx.GraphProto, domain: str) -> int:
     for lut in _lut_convs(graph, domain):
         y = lut.output[0]
         readers = consumers(graph, y)
-        groups: dict[tuple[str, ...], list[onnx.NodeProto]] = {}
-        for r in readers:
-            if _quantizes(r, y, domain):
-                groups.setdefault(tuple(r.input[1:]), []).append(r)
+        groups = _quantizer_groups(readers, y, domain)
         if len(groups) == 1 and sum(map(len, groups.values())) == len(readers) and y not in outputs:
             continue  # nothing needs the float y: fuse_threshold_quant's case
         # Quantizers with other parameters (a downsampling block's shortcut) keep reading y.
