@@ -471,7 +471,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi"))) inline void Stor
 // counted in the tile's own layout (a vector = 16 channels of one output), the counts packed
 // to bytes and transposed to NCHW rows with byte permutes, so no float transposes. Reads whole
 // groups of 4 outputs of the tile (up to 16 or the next multiple of 4: inside its buffer of
-// kMaxQ1 outputs, which starts zeroed).
+// kMaxQ1 outputs, whose floats are all initialized).
 template <bool RELU>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi"))) void StoreTileLevels(
     const float* tile, int64_t nq, int64_t mcount, const TileOut& o, int64_t P) {
@@ -870,23 +870,21 @@ bool MakeIntLevels(const Affine& af, const Levels& lv, bool relu, int64_t M, int
 
 std::shared_ptr<const IntLevels> LevelCache::Get(const Affine& af, const Levels& lv, bool relu,
                                                  int64_t M, int64_t bound) {
-  // The key: M, bound, relu, whether there is a bias, QScale, the scales, biases, thresholds.
-  const float head[5] = {static_cast<float>(M), static_cast<float>(bound), relu ? 1.0f : 0.0f,
-                         af.bias ? 1.0f : 0.0f, lv.scale};
-  const size_t size = 5 + static_cast<size_t>(M * (af.bias ? 2 : 1) + lv.T);
-  // Compared as bytes, without building the key on the way (a NaN, refused below, matches
-  // itself).
-  auto same = [&](const float* k) {
-    auto eq = [](const float* a, const float* b, size_t n) {
-      return std::memcmp(a, b, n * sizeof(float)) == 0;
-    };
-    if (!eq(k, head, 5)) return false;
-    k += 5;
-    if (af.scale_step == 1) {
+  // The key: M, bound, relu, whether there is a bias; then QScale, the scales, biases and
+  // thresholds, compared as bytes without building a copy (a NaN, refused below, matches itself).
+  auto eq = [](const float* a, const float* b, size_t n) {
+    return std::memcmp(a, b, n * sizeof(float)) == 0;
+  };
+  auto same = [&] {
+    if (M != m_ || bound != bound_ || relu != relu_ || (af.bias != nullptr) != bias_) return false;
+    const size_t size = 1 + static_cast<size_t>(M * (af.bias ? 2 : 1) + lv.T);
+    if (values_.size() != size || !eq(values_.data(), &lv.scale, 1)) return false;
+    const float* k = values_.data() + 1;
+    if (af.scale_step) {  // per channel, else one scale for all
       if (!eq(k, af.scale, static_cast<size_t>(M))) return false;
     } else {
       for (int64_t m = 0; m < M; ++m) {
-        if (std::memcmp(&k[m], af.scale, sizeof(float)) != 0) return false;
+        if (!eq(k + m, af.scale, 1)) return false;
       }
     }
     k += M;
@@ -897,11 +895,12 @@ std::shared_ptr<const IntLevels> LevelCache::Get(const Affine& af, const Levels&
     return eq(k, lv.t, static_cast<size_t>(lv.T));
   };
   std::lock_guard<std::mutex> lock(mu_);
-  if (key_.size() == size && same(key_.data())) return levels_;
-  key_.assign(head, head + 5);
-  for (int64_t m = 0; m < M; ++m) key_.push_back(af.scale[m * af.scale_step]);
-  if (af.bias) key_.insert(key_.end(), af.bias, af.bias + M);
-  key_.insert(key_.end(), lv.t, lv.t + lv.T);
+  if (same()) return levels_;
+  m_ = M, bound_ = bound, relu_ = relu, bias_ = af.bias != nullptr;
+  values_.assign(1, lv.scale);
+  for (int64_t m = 0; m < M; ++m) values_.push_back(af.scale[m * af.scale_step]);
+  if (af.bias) values_.insert(values_.end(), af.bias, af.bias + M);
+  values_.insert(values_.end(), lv.t, lv.t + lv.T);
   auto made = std::make_shared<IntLevels>();
   levels_ = MakeIntLevels(af, lv, relu, M, bound, made.get()) ? std::move(made) : nullptr;
   return levels_;
@@ -1103,7 +1102,9 @@ void Conv(const Ort::KernelContext& ctx, const ConvShape& s, const uint8_t* x, c
     const int64_t rc = rest % rchunks, n = n0 + rest / rchunks;
     const int64_t nb = std::min<int64_t>(2, blocks - 2 * p);
     const int64_t m0 = p * 2 * kLanes, mcount = std::min<int64_t>(nb * kLanes, s.M - m0);
-    alignas(64) float tile[kMaxQ1 * 2 * kLanes] = {};  // StoreTileLevels reads past nq
+    // Per thread, zeroed once (not per task): StoreTileLevels reads (finite, unused) floats past
+    // a tile's nq outputs.
+    alignas(64) static thread_local float tile[kMaxQ1 * 2 * kLanes];
     TileArgs a{};
     if (integer) {
       a.w = w.int8.data() + p * groups * taps * 8 * kLanes;

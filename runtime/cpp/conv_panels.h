@@ -86,7 +86,9 @@ class LevelCache {
 
  private:
   std::mutex mu_;
-  std::vector<float> key_;
+  int64_t m_ = -1, bound_ = -1;  // the key (m_ = -1: none yet)
+  bool relu_ = false, bias_ = false;
+  std::vector<float> values_;  // QScale, scales, biases, thresholds
   std::shared_ptr<const IntLevels> levels_;
 };
 

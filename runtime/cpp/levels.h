@@ -64,10 +64,7 @@ __attribute__((target("avx512f"))) inline __m512i CountLevels16(__m512 v, const 
     }
     return c;
   }
-  for (int k = 0; k < lc.lv->T; ++k) {
-    const __mmask16 ge = _mm512_cmp_ps_mask(sv, _mm512_set1_ps(lc.lv->t[k]), _CMP_GE_OQ);
-    c = _mm512_mask_add_epi32(c, ge, c, one);
-  }
+  for (int k = 0; k < lc.T; ++k) c = AddIfGe(c, sv, lc.lv->t[k]);
   return c;
 }
 

@@ -95,6 +95,21 @@ constexpr std::array<ONNXTensorElementDataType, N> ConvInputs() {
   return types;
 }
 
+// A node's optional second output of levels (LutConv's Q, LutConvQuant's Q2) with its scale
+// and thresholds at inputs k and k + 1, which it has exactly when it lists the output: the
+// output's data (levels set), or nullptr when the node has neither.
+uint8_t* OptionalLevels(Ort::KernelContext& ctx, const Shape& shape, size_t k, const char* out,
+                        const char* scale, const char* thresholds, Levels* levels) {
+  const bool listed = ctx.GetOutputCount() > 1;
+  Check(!listed || (HasInput(ctx, k) && HasInput(ctx, k + 1)), "output ", out, " needs inputs ",
+        scale, " and ", thresholds);
+  Check(listed || !(HasInput(ctx, k) || HasInput(ctx, k + 1)), scale, " and ", thresholds,
+        " need output ", out);
+  if (!listed) return nullptr;
+  *levels = GetLevels(ctx, k, k + 1, scale, thresholds);
+  return ctx.GetOutput(1, shape).GetTensorMutableData<uint8_t>();
+}
+
 template <bool kQuant>
 constexpr auto ConvOutputs() {
   if constexpr (kQuant) {
@@ -193,26 +208,10 @@ struct LutConvT {
       f.q = ctx.GetOutput(0, yshape).GetTensorMutableData<uint8_t>();
       f.level_cache[0] = &level_cache_[0];
       f.level_cache[1] = &level_cache_[1];
-      const bool second = ctx.GetOutputCount() > 1;
-      Check(!second || (HasInput(ctx, 8) && HasInput(ctx, 9)),
-            "output Q2 needs inputs QScale2 and QThresholds2");
-      Check(second || !(HasInput(ctx, 8) || HasInput(ctx, 9)),
-            "QScale2 and QThresholds2 need output Q2");
-      if (second) {
-        f.levels2 = GetLevels(ctx, 8, 9, "QScale2", "QThresholds2");
-        f.q2 = ctx.GetOutput(1, yshape).GetTensorMutableData<uint8_t>();
-      }
+      f.q2 = OptionalLevels(ctx, yshape, 8, "Q2", "QScale2", "QThresholds2", &f.levels2);
     } else {
-      const bool levels = ctx.GetOutputCount() > 1;
-      const bool inputs = HasInput(ctx, 6) || HasInput(ctx, 7);
-      Check(!levels || (HasInput(ctx, 6) && HasInput(ctx, 7)),
-            "output Q needs inputs QScale and QThresholds");
-      Check(levels || !inputs, "QScale and QThresholds need output Q");
       y = GetOutputFloat(ctx, yshape);
-      if (levels) {
-        f.levels = GetLevels(ctx, 6, 7, "QScale", "QThresholds");
-        f.q = ctx.GetOutput(1, yshape).GetTensorMutableData<uint8_t>();
-      }
+      f.q = OptionalLevels(ctx, yshape, 6, "Q", "QScale", "QThresholds", &f.levels);
     }
     const panels::Kind kind = panels::Choose(isa_, lut, group_, g.G, g.kH * g.kW);
     if (kind != panels::Kind::kNone) {
