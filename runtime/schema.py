@@ -70,6 +70,7 @@ _CONV_ATTRS = (
     Attr("dilations", "ints", (1, 1)),
     Attr("group", "int", 1),
     Attr("relu", "int", 0),
+    Attr("channels_last", "int", 0),
 )
 
 OPS: tuple[OpDecl, ...] = (
@@ -195,15 +196,18 @@ def _infer_lut_dequant(ctx: onnx.shape_inference.InferenceContext) -> None:
 
 
 def _infer_lut_conv(ctx: onnx.shape_inference.InferenceContext, op: str) -> None:
-    """Each listed output [N, M, OH, OW] (element types as declared), with N from X,
-    M = Codes.shape[0], OH / OW from the attributes."""
+    """Each listed output [N, M, OH, OW] ([N, OH, OW, M] with channels_last; element types as
+    declared), with N from X, M = Codes.shape[0], OH / OW from the attributes."""
     dtypes = [p.dtype for p in OPS_BY_NAME[op].outputs]
     x, codes = _input_dims(ctx, 0, 4), _input_dims(ctx, 1, 2)
+    last = _attr(ctx, op, "channels_last") == 1
     dims: list[Dim] = [None] * 4
     if x is not None:
-        dims[0], dims[2:] = x[0], _conv_out_hw(ctx, op, x[2:])
+        dims[0], dims[2:] = x[0], _conv_out_hw(ctx, op, x[1:3] if last else x[2:])
     if codes is not None:
         dims[1] = codes[0]
+    if last:
+        dims = [dims[0], dims[2], dims[3], dims[1]]
     for index, dtype in enumerate(dtypes[: ctx.get_num_outputs()]):
         _set_output(ctx, dtype, dims, index)
 

@@ -466,6 +466,78 @@ def test_lut_conv_quant_matches_reference(so2):
     check_levels(so2, cases[:100], constants=("Codes", "Codebook", "Scale"))
 
 
+def _channels_last(case):
+    """A case with channels_last = 1: X and Residual transposed to NHWC."""
+    inputs, attrs = case
+    nhwc = {
+        k: v.transpose(0, 2, 3, 1).copy() if k in ("X", "Residual") and v is not None else v
+        for k, v in inputs.items()
+    }
+    return nhwc, {**attrs, "channels_last": 1}
+
+
+def test_channels_last_matches_reference(so2):
+    """channels_last = 1 (X, Residual, Y, Q, Q2 in NHWC) on every path: the int8 kernel's own
+    channels-last tiles (integer codebooks) and the others (through NCHW copies)."""
+    rng = np.random.default_rng(41)
+    last = [_channels_last(c) for c in fused_cases(seed=42, count=160, quant=False)]
+    check_cases(so2, "LutConv", last)
+    check_cases(so2, "LutConv", last[:60], constants=("Codes", "Codebook", "Scale"))
+    quant = with_second_quantizer(rng, fused_cases(seed=43, count=160, quant=True))
+    check_two_levels(so2, [_channels_last(c) for c in quant])
+    check_levels(so2, [_channels_last(c) for c in fused_cases(seed=44, count=80, quant=True)])
+    check_y_and_levels(so2, [_channels_last(c) for c in fused_cases(seed=45, count=60, quant=True)])
+    wide = with_epilogue(rng, wide_strided_cases(seed=46, count=60), True)
+    check_levels(so2, [_channels_last(c) for c in wide], constants=("Codes", "Codebook"))
+    check_cases(so2, "LutConv", [_channels_last((without_levels(i), a)) for i, a in wide])
+
+
+def test_channels_last_int8_kernel_equals_its_nchw_form(so2):
+    """The int8 kernel in both layouts computes the same exact sums and epilogue: outputs equal
+    bit for bit after the transpose (Y with levels; levels alone, counted on the int32 sums;
+    two quantizers), including batches run in chunks of images."""
+    rng = np.random.default_rng(47)
+    cases = []
+    for c, m, k, stride, hw, n in [
+        (64, 64, 3, 1, 14, 2),
+        (64, 128, 3, 2, 15, 3),
+        (64, 128, 1, 2, 14, 2),
+        (13, 40, 3, 1, 9, 1),
+        (32, 32, 3, 1, 40, 9),
+    ]:
+        packed = pack_rows(rng.integers(0, 8, size=(m, c * k * k)), 3)
+        inputs = {
+            "X": _levels(rng, (n, c, hw, hw)),
+            "Codes": packed,
+            "Codebook": np.arange(-4, 4).astype(np.float32),
+        }
+        scale, bias = _affine(rng, m)
+        inputs.update(Scale=scale, Bias=bias)
+        attrs = {
+            "bits": 3,
+            "kernel_shape": [k, k],
+            "strides": [stride, stride],
+            "pads": [k // 2] * 4,
+            "relu": 1,
+        }
+        cases.append((inputs, attrs))
+    cases = with_second_quantizer(rng, with_epilogue(rng, cases, True))
+    for inputs, attrs in cases:
+        for op, outputs, drop in [
+            ("LutConv", ("Y", "Q"), ("QScale2", "QThresholds2")),
+            ("LutConvQuant", ("Q", "Q2"), ("Residual",)),
+            ("LutConvQuant", ("Q", "Q2"), ()),
+        ]:
+            case = ({k: v for k, v in inputs.items() if k not in drop}, attrs)
+            if op == "LutConvQuant":
+                case[0].setdefault("Residual", None)
+            nchw = run_ort(so2, op, *case, ("Codes", "Codebook"), outputs)
+            nhwc = run_ort(so2, op, *_channels_last(case), ("Codes", "Codebook"), outputs)
+            for a, b in zip(nchw, nhwc, strict=True):
+                assert b.shape == a.transpose(0, 2, 3, 1).shape
+                np.testing.assert_array_equal(b, a.transpose(0, 2, 3, 1), err_msg=f"{op} {attrs}")
+
+
 def test_lut_conv_quant_exact_ties(so2):
     """Integer codebook, unit scale, integer residual and thresholds: every output is an exact
     integer, many equal a threshold (0 after relu above all), and levels count t <= value."""
@@ -799,6 +871,9 @@ def test_other_isa_paths_match_reference(isa, library, monkeypatch):
     check_y_and_levels(so, fused_cases(seed=17, count=40, quant=True))
     rng = np.random.default_rng(18)
     check_two_levels(so, with_second_quantizer(rng, fused_cases(seed=19, count=30, quant=True)))
+    last = [_channels_last(c) for c in fused_cases(seed=20, count=40, quant=True)]
+    check_levels(so, last)
+    check_cases(so, "LutConv", [(without_levels(i), a) for i, a in last])
     check_cases(so, "LutGemm", gemm_cases(seed=12, count=100))
     check_cases(so, "LutDequant", dequant_cases(seed=13, count=60), exact=True)
     check_cases(so, "ThresholdQuant", threshold_cases(seed=14, count=60), exact=True)
@@ -954,6 +1029,15 @@ def _error_cases():
         ),
         "conv Residual uint8": (cv(Residual=np.zeros(y_shape, np.uint8)), "Type Error"),
         "conv relu 2": (cv(relu=2), "'relu' must be 0 or 1"),
+        "conv channels_last 2": (cv(channels_last=2), "'channels_last' must be 0 or 1"),
+        "conv channels_last Residual in NCHW": (
+            (
+                "LutConv",
+                {**_channels_last(conv)[0], "Residual": np.zeros(y_shape, np.float32)},
+                _channels_last(conv)[1],
+            ),
+            "Residual must have the output's shape",
+        ),
         "quant QThresholds decreasing": (
             cq(QThresholds=np.array([1.0, 0.0], np.float32)),
             "QThresholds must be non-decreasing",

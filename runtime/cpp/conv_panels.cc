@@ -40,6 +40,7 @@ struct TileArgs {
   const void* w;           // the panel's weights: code words (float path) or int8 (integer)
   int64_t wstride;         // AVX2 tiles (one block of a panel): words per k
   int64_t C, taps, cstride;  // C: channels (float) or channel quads (integer)
+  int64_t xstep;           // integer channels-last planes: bytes from one output's cells to the next
   const int64_t* tapoff;   // per tap: offset inside a channel's (quad's) phase planes
   const void* x;           // channel 0 of the image, at the tile's first output
   const float* table;      // the codebook, 16 floats
@@ -104,7 +105,9 @@ __attribute__((target("avx512f"))) void Tile(const TileArgs& a) {
 // The integer path: int8 weights (the integer codebook levels) and uint8 levels, 4 channels per
 // 32-bit lane: vpdpbusd adds the 4 products of a channel quad to each output channel's int32
 // sum, which is exact (the caller checks 255 * 128 * 4 * quads * taps < 2^31).
-template <int NB, int NQ>
+// POS: channels-last planes, where output j's cells start a.xstep bytes after output j - 1's
+// (otherwise 4: the cells of consecutive outputs are adjacent).
+template <int NB, int NQ, bool POS = false>
 __attribute__((target("avx512f,avx512bw,avx512vnni"), always_inline)) inline void SumsInt(
     const TileArgs& a, __m512i (&acc)[NB][NQ]) {
 #pragma GCC unroll 2
@@ -114,6 +117,7 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"), always_inline)) inline voi
   }
   const int8_t* w = static_cast<const int8_t*>(a.w);
   const uint8_t* xc = static_cast<const uint8_t*>(a.x);
+  const int64_t xs = POS ? a.xstep : 4;
   for (int64_t c = 0; c < a.C; ++c, xc += a.cstride) {
     for (int64_t t = 0; t < a.taps; ++t, w += NB * 4 * kLanes) {
       const uint8_t* xt = xc + a.tapoff[t];
@@ -122,7 +126,7 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"), always_inline)) inline voi
 #pragma GCC unroll 32
       for (int j = 0; j < NQ; ++j) {
         int32_t quad;
-        std::memcpy(&quad, xt + 4 * j, 4);
+        std::memcpy(&quad, POS ? xt + j * xs : xt + 4 * j, 4);
         const __m512i xv = _mm512_set1_epi32(quad);
         // acc += xv (uint8) . wv (int8) in place: with the intrinsic, GCC 12 copies every
         // accumulator through another register and spills some each step (1.3-1.4x slower).
@@ -135,10 +139,10 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"), always_inline)) inline voi
   }
 }
 
-template <int NB, int NQ>
+template <int NB, int NQ, bool POS = false>
 __attribute__((target("avx512f,avx512bw,avx512vnni"))) void TileInt(const TileArgs& a) {
   __m512i acc[NB][NQ];  // every loop over acc is unrolled, or GCC keeps it in memory
-  SumsInt<NB, NQ>(a, acc);
+  SumsInt<NB, NQ, POS>(a, acc);
 #pragma GCC unroll 2
   for (int b = 0; b < NB; ++b) {
     const __m512 s = _mm512_loadu_ps(a.scale + b * kLanes);
@@ -213,16 +217,19 @@ template <int NB, size_t... Q>
 constexpr std::array<TileFn, sizeof...(Q)> Tiles(std::index_sequence<Q...>) {
   return {&Tile<NB, static_cast<int>(Q) + 1>...};
 }
-template <int NB, size_t... Q>
+template <int NB, bool POS, size_t... Q>
 constexpr std::array<TileFn, sizeof...(Q)> TilesInt(std::index_sequence<Q...>) {
-  return {&TileInt<NB, static_cast<int>(Q) + 1>...};
+  return {&TileInt<NB, static_cast<int>(Q) + 1, POS>...};
 }
-// Indexed by the tile's output count - 1: float panels of two blocks and of one, int8 panels.
+// Indexed by the tile's output count - 1: float panels of two blocks and of one, int8 panels
+// ([channels last][blocks - 1]).
 constexpr auto kTilesFloat2 = Tiles<2>(std::make_index_sequence<kMaxQ>{});
 constexpr auto kTilesFloat1 = Tiles<1>(std::make_index_sequence<kMaxQ1>{});
-constexpr std::array<TileFn, kMaxQInt> kTilesInt[2] = {
-    TilesInt<1>(std::make_index_sequence<kMaxQInt>{}),
-    TilesInt<2>(std::make_index_sequence<kMaxQInt>{})};
+constexpr std::array<TileFn, kMaxQInt> kTilesInt[2][2] = {
+    {TilesInt<1, false>(std::make_index_sequence<kMaxQInt>{}),
+     TilesInt<2, false>(std::make_index_sequence<kMaxQInt>{})},
+    {TilesInt<1, true>(std::make_index_sequence<kMaxQInt>{}),
+     TilesInt<2, true>(std::make_index_sequence<kMaxQInt>{})}};
 
 // The pixel-lane form of the integer path: each accumulator holds 16 consecutive outputs of the
 // phase-plane grid (lanes over pixels, at most two output rows) for one output channel, so that
@@ -557,13 +564,84 @@ inline int EpilogueIndex(const Fused& f, bool floats) {
   return (f.residual ? 8 : 0) + (f.relu ? 4 : 0) + (floats ? 2 : 0) + (f.q ? 1 : 0);
 }
 
+// Channels last: a tile [nq][32] (outputs x channels) is already in the outputs' order, so each
+// vector (16 channels of one output) gets the fused epilogue and goes out with one masked store
+// per output (P: the elements from one output position to the next, M).
+template <bool RES, bool RELU, bool FLOATS, bool QUANT>
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void StoreTileNhwc(const float* tile,
+                                                                        int64_t nq,
+                                                                        int64_t mcount,
+                                                                        const TileOut& o,
+                                                                        int64_t P) {
+  const __m512 zero = _mm512_setzero_ps();
+  const LevelCounter lc = QUANT ? MakeLevelCounter(*o.levels) : LevelCounter{};
+  const LevelCounter lc2 = QUANT && o.q2 ? MakeLevelCounter(*o.levels2) : LevelCounter{};
+  for (int64_t b = 0; b * kLanes < mcount; ++b) {
+    const int64_t lanes = std::min<int64_t>(kLanes, mcount - b * kLanes);
+    const __mmask16 mask = static_cast<__mmask16>((1u << lanes) - 1u);
+    for (int64_t j = 0; j < nq; ++j) {
+      const int64_t at = j * P + b * kLanes;
+      __m512 v = _mm512_loadu_ps(tile + j * 2 * kLanes + b * kLanes);
+      if (RES) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, o.residual + at));
+      if (RELU) v = _mm512_max_ps(zero, v);  // max(0, NaN) is the NaN (second operand)
+      if (FLOATS) _mm512_mask_storeu_ps(o.y + at, mask, v);
+      if (QUANT) StoreLevels(v, lc, lanes, o.q + at);
+      if (QUANT && o.q2) StoreLevels(v, lc2, lanes, o.q2 + at);
+    }
+  }
+}
+
+template <size_t... I>
+constexpr std::array<StoreFn, sizeof...(I)> StoresNhwc(std::index_sequence<I...>) {
+  return {&StoreTileNhwc<(I & 8) != 0, (I & 4) != 0, (I & 2) != 0, (I & 1) != 0>...};
+}
+
+// TileInt's levels-only form for channels last: each vector's levels, counted on its int32 sums
+// against the integer thresholds, are the 16 bytes of one output's channels (o.P: M).
+template <int NB, int NQ>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void TileIntLevelsNhwc(
+    const TileArgs& a, const LevelOut& o) {
+  __m512i acc[NB][NQ];  // every loop over acc is unrolled, or GCC keeps it in memory
+  SumsInt<NB, NQ, true>(a, acc);
+  const __m512i one = _mm512_set1_epi32(1);
+  for (int u = 0; u < 2 && o.q[u]; ++u) {
+#pragma GCC unroll 2
+    for (int b = 0; b < NB; ++b) {
+      const int64_t lanes = std::min<int64_t>(kLanes, o.mcount - b * kLanes);
+      const __mmask16 mask = static_cast<__mmask16>((1u << lanes) - 1u);
+      const int32_t* tau = o.tau[u] + b * o.T[u] * kLanes;
+      const __m512i flip = _mm512_loadu_si512(o.flip[u] + b * kLanes);
+#pragma GCC unroll 32
+      for (int j = 0; j < NQ; ++j) {
+        const __m512i x = _mm512_xor_si512(acc[b][j], flip);
+        __m512i c = _mm512_setzero_si512();
+        for (int k = 0; k < o.T[u]; ++k) {
+          const __mmask16 ge = _mm512_cmpge_epi32_mask(x, _mm512_loadu_si512(tau + k * kLanes));
+          c = _mm512_mask_add_epi32(c, ge, c, one);
+        }
+        _mm_mask_storeu_epi8(o.q[u] + j * o.P + b * kLanes, mask, _mm512_cvtepi32_epi8(c));
+      }
+    }
+  }
+}
+
+template <int NB, size_t... Q>
+constexpr std::array<TileLevelsFn, sizeof...(Q)> TilesIntLevelsNhwc(std::index_sequence<Q...>) {
+  return {&TileIntLevelsNhwc<NB, static_cast<int>(Q) + 1>...};
+}
+constexpr std::array<TileLevelsFn, kMaxQInt> kTilesIntLevelsNhwc[2] = {
+    TilesIntLevelsNhwc<1>(std::make_index_sequence<kMaxQInt>{}),
+    TilesIntLevelsNhwc<2>(std::make_index_sequence<kMaxQInt>{})};
+
 // The StoreTile for an epilogue (writing floats, levels or both).
 template <size_t... I>
 constexpr std::array<StoreFn, sizeof...(I)> Stores(std::index_sequence<I...>) {
   return {&StoreTile<(I & 8) != 0, (I & 4) != 0, (I & 2) != 0, (I & 1) != 0>...};
 }
-StoreFn ChooseStore(const Fused& f, bool floats) {
+StoreFn ChooseStore(const Fused& f, bool floats, bool nhwc) {
   static constexpr auto kStores = Stores(std::make_index_sequence<16>{});
+  static constexpr auto kStoresNhwc = StoresNhwc(std::make_index_sequence<16>{});
+  if (nhwc) return kStoresNhwc[EpilogueIndex(f, floats)];
   if (f.q && !f.residual && !floats && HasVbmi()) {
     return f.relu ? &StoreTileLevels<true> : &StoreTileLevels<false>;
   }
@@ -927,7 +1005,11 @@ void Conv(const Ort::KernelContext& ctx, const ConvShape& s, const uint8_t* x, c
   const int64_t cstride = CheckedMul(PQ, s.sH * s.sW, "phase planes");
   const int64_t taps = s.kH * s.kW, P = s.OH * s.OW;
   // Integer path: one 4-byte cell (a channel quad) per position; float path: one float.
-  const int64_t cell = integer ? 4 : 1;
+  // Channels last (integer only): each position holds all its cells, Cb bytes.
+  const bool nhwc = s.nhwc;
+  const int64_t groups = integer ? (s.C + 3) / 4 : s.C;
+  const int64_t Cb = 4 * groups;
+  const int64_t cell = nhwc ? Cb : integer ? 4 : 1;
 
   // Tap (i, j) reads padded input (oh*sH + i*dH, ow*sW + j*dW): phase plane
   // ((i*dH) % sH, (j*dW) % sW) at (oh + i*dH / sH, ow + j*dW / sW).
@@ -945,7 +1027,6 @@ void Conv(const Ort::KernelContext& ctx, const ConvShape& s, const uint8_t* x, c
   // Phase planes of every (n, channel) or (n, channel quad); only phases some tap reads. The
   // batch runs in chunks of images whose planes fit in about kPlaneBudget elements (4 bytes
   // each), so that the planes are still in cache when the tiles read them.
-  const int64_t groups = integer ? (s.C + 3) / 4 : s.C;
   const int64_t per_image = CheckedMul(groups, cstride, "phase planes");
   // Chunks also hold at least kMinChunkMacs of work: each costs two thread-pool dispatches,
   // which dominate small layers (ResNet-20 at batch 32 ran 8% slower in chunks of 9 images).
@@ -1046,7 +1127,38 @@ void Conv(const Ort::KernelContext& ctx, const ConvShape& s, const uint8_t* x, c
       }
     }
   };
-  auto convert = [&](size_t t) { integer ? convert_quads(t) : convert_floats(t); };
+  // Channels last: task t is row a of image n0 + t / Hq in every phase plane: per position, the
+  // C bytes of an input pixel (zeros past C up to Cb) or zeros for padding.
+  auto convert_nhwc = [&](size_t t) {
+    const int64_t n = n0 + static_cast<int64_t>(t) / Hq, a = static_cast<int64_t>(t) % Hq;
+    uint8_t* image = qplanes + (n - n0) * per_image * 4;
+    for (int64_t ph = 0; ph < s.sH; ++ph) {
+      const int64_t ih = a * s.sH + ph - s.pT;
+      const bool inside = ih >= 0 && ih < s.H;
+      const uint8_t* row = x + (n * s.H + ih) * s.W * s.C;
+      for (int64_t pw = 0; pw < s.sW; ++pw) {
+        if (!used[ph * s.sW + pw]) continue;
+        uint8_t* d = image + ((ph * s.sW + pw) * PQ + a * Wq) * Cb;
+        if (!inside) {
+          std::fill(d, d + Wq * Cb, uint8_t{0});
+          continue;
+        }
+        std::fill(d, d + lo[pw] * Cb, uint8_t{0});
+        if (s.sW == 1 && Cb == s.C) {
+          std::memcpy(d + lo[pw] * Cb, row + (lo[pw] - s.pL) * s.C, (hi[pw] - lo[pw]) * Cb);
+        } else {
+          for (int64_t b = lo[pw]; b < hi[pw]; ++b) {
+            std::memcpy(d + b * Cb, row + (b * s.sW + pw - s.pL) * s.C, s.C);
+            std::fill(d + b * Cb + s.C, d + (b + 1) * Cb, uint8_t{0});
+          }
+        }
+        std::fill(d + hi[pw] * Cb, d + Wq * Cb, uint8_t{0});
+      }
+    }
+  };
+  auto convert = [&](size_t t) {
+    nhwc ? convert_nhwc(t) : integer ? convert_quads(t) : convert_floats(t);
+  };
 
   // Scales and biases padded to whole panels.
   const int64_t blocks = (s.M + kLanes - 1) / kLanes, npanels = (blocks + 1) / 2;
@@ -1076,7 +1188,9 @@ void Conv(const Ort::KernelContext& ctx, const ConvShape& s, const uint8_t* x, c
   const int64_t rows_per_task = std::max<int64_t>(
       1, std::min<int64_t>(kChunkQ / s.OW, row_tasks / (2 * static_cast<int64_t>(TaskHint()))));
   const int64_t rchunks = (s.OH + rows_per_task - 1) / rows_per_task;
-  const StoreFn store = ChooseStore(f, y != nullptr);
+  const StoreFn store = ChooseStore(f, y != nullptr, nhwc);
+  // Between the outputs of one channel (NCHW) or of one position (channels last).
+  const int64_t ostep = nhwc ? s.M : P;
   // LutConvQuant without a residual on the int8 path: levels straight from the sums (IntLevels;
   // |sum| <= 255 * 128 per product). Only for up to 15 thresholds (activations of up to 4 bits):
   // making the integer thresholds costs a binary search per channel and threshold, up to 12 ms
@@ -1084,7 +1198,8 @@ void Conv(const Ort::KernelContext& ctx, const ConvShape& s, const uint8_t* x, c
   // that many thresholds the count itself costs the same either way.
   const int64_t sum_bound = 255 * 128 * 4 * groups * taps;
   std::shared_ptr<const IntLevels> ilv[2];
-  bool int_levels = integer && f.q && !f.residual && !y && f.level_cache[0] && HasVbmi() &&
+  bool int_levels = integer && f.q && !f.residual && !y && f.level_cache[0] &&
+                    (nhwc || HasVbmi()) &&
                     sum_bound < (int64_t{1} << 30) && f.levels.T <= kMaxIntLevelsT &&
                     (!f.q2 || f.levels2.T <= kMaxIntLevelsT);
   for (int u = 0; u < 2 && int_levels && (u == 0 || f.q2); ++u) {
@@ -1108,7 +1223,8 @@ void Conv(const Ort::KernelContext& ctx, const ConvShape& s, const uint8_t* x, c
     TileArgs a{};
     if (integer) {
       a.w = w.int8.data() + p * groups * taps * 8 * kLanes;
-      a.cstride = cstride * 4;
+      a.cstride = nhwc ? 4 : cstride * 4;
+      a.xstep = Cb;
     } else {
       a.w = w.words.data() + 2 * p * taps * s.C;
       a.cstride = cstride;
@@ -1121,7 +1237,11 @@ void Conv(const Ort::KernelContext& ctx, const ConvShape& s, const uint8_t* x, c
     a.bias = a.scale + 2 * kLanes;
     a.out = tile;
     const int64_t image = (n - n0) * per_image;
-    const int64_t base = (n * s.M + m0) * P;  // flat index of the tile column's first output
+    // The flat index of the tile's first output (of channel m0), given a position in the
+    // image's output (oh * OW + ow).
+    auto out_at = [&](int64_t pos) {
+      return nhwc ? (n * P + pos) * s.M + m0 : (n * s.M + m0) * P + pos;
+    };
     const int64_t oh_end = std::min(s.OH, (rc + 1) * rows_per_task);
     const std::vector<int64_t>& starts = nb == 2 ? starts2 : starts1;
     const int64_t parts = static_cast<int64_t>(starts.size()) - 1;
@@ -1139,7 +1259,7 @@ void Conv(const Ort::KernelContext& ctx, const ConvShape& s, const uint8_t* x, c
             const int64_t ow0 = starts[part], nq = starts[part + 1] - ow0;
             a.x = fplanes + image + oh * Wq + ow0;
             tiles[nq - 1](a);
-            const int64_t at = base + b * kLanes * P + oh * s.OW + ow0;
+            const int64_t at = out_at(oh * s.OW + ow0) + b * kLanes * P;
             for (int64_t l = 0; l < lanes; ++l) {
               float row[kMaxQAvx2];
               for (int64_t j = 0; j < nq; ++j) row[j] = tile[j * 2 * kLanes + l];
@@ -1152,10 +1272,13 @@ void Conv(const Ort::KernelContext& ctx, const ConvShape& s, const uint8_t* x, c
       return;
     }
     const int64_t oh0 = rc * rows_per_task, ntiles = (oh_end - oh0) * parts;
-    const TileFn* tiles = integer   ? kTilesInt[nb - 1].data()
+    const TileFn* tiles = integer   ? kTilesInt[nhwc][nb - 1].data()
                           : nb == 2 ? kTilesFloat2.data()
                                     : kTilesFloat1.data();
-    const TileLevelsFn* level_tiles = int_levels ? kTilesIntLevels[nb - 1].data() : nullptr;
+    const TileLevelsFn* level_tiles =
+        !int_levels ? nullptr
+        : nhwc      ? kTilesIntLevelsNhwc[nb - 1].data()
+                    : kTilesIntLevels[nb - 1].data();
     LevelOut lo{};
     for (int u = 0; u < 2 && level_tiles && ilv[u]; ++u) {
       lo.T[u] = ilv[u]->T;
@@ -1163,7 +1286,7 @@ void Conv(const Ort::KernelContext& ctx, const ConvShape& s, const uint8_t* x, c
       lo.flip[u] = ilv[u]->flip.data() + 2 * p * kLanes;
     }
     lo.mcount = mcount;
-    lo.P = P;
+    lo.P = ostep;
     // This task's share of the next chunk's input lines, a few with each tile.
     int64_t l0 = 0, l1 = 0, per_tile = 0;
     if (next_lines > 0) {
@@ -1175,14 +1298,20 @@ void Conv(const Ort::KernelContext& ctx, const ConvShape& s, const uint8_t* x, c
       for (int64_t part = 0; part < parts; ++part) {
         const int64_t ow0 = starts[part], nq = starts[part + 1] - ow0;
         const int64_t in = image + oh * Wq + ow0;
-        a.x = integer ? static_cast<const void*>(qplanes + in * 4) : fplanes + in;
+        a.x = nhwc      ? static_cast<const void*>(qplanes + image * 4 + (oh * Wq + ow0) * Cb)
+              : integer ? static_cast<const void*>(qplanes + in * 4)
+                        : fplanes + in;
         if (f.residual) {  // the residual rows of the tile `ahead` tiles on (at a task's start:
                            // of the tiles before it too)
           const int64_t t = (oh - oh0) * parts + part;
           for (int64_t u = t == 0 ? 0 : t + ahead; u <= t + ahead && u < ntiles; ++u) {
             const int64_t uh = oh0 + u / parts, up = u % parts;
-            PrefetchRows(f.residual + base + uh * s.OW + starts[up], starts[up + 1] - starts[up],
-                         mcount, P);
+            const int64_t un = starts[up + 1] - starts[up], ua = out_at(uh * s.OW + starts[up]);
+            if (nhwc) {  // un positions, mcount floats each
+              PrefetchRows(f.residual + ua, mcount, un, s.M);
+            } else {
+              PrefetchRows(f.residual + ua, un, mcount, P);
+            }
           }
         }
         if (l0 < l1) {
@@ -1190,19 +1319,19 @@ void Conv(const Ort::KernelContext& ctx, const ConvShape& s, const uint8_t* x, c
           l0 += per_tile;
         }
         if (level_tiles) {
-          const int64_t at = base + oh * s.OW + ow0;
+          const int64_t at = out_at(oh * s.OW + ow0);
           lo.q[0] = f.q + at;
           lo.q[1] = f.q2 ? f.q2 + at : nullptr;
           level_tiles[nq - 1](a, lo);
           continue;
         }
         tiles[nq - 1](a);
-        store(tile, nq, mcount, OutputsAt(f, y, base + oh * s.OW + ow0), P);
+        store(tile, nq, mcount, OutputsAt(f, y, out_at(oh * s.OW + ow0)), ostep);
       }
     }
   };
   // The pixel-lane integer tiles: vectors of 16 flat outputs of the OH x Wq grid.
-  const bool pix = integer && Wq >= kLanes && groups * taps <= kPixMaxSteps &&
+  const bool pix = integer && !nhwc && Wq >= kLanes && groups * taps <= kPixMaxSteps &&
                    8 * (Wq - s.OW) <= Wq;
   const int64_t V = pix ? (s.OH * Wq + kLanes - 1) / kLanes : 0;
   const int64_t octets = (s.M + kPixChannels - 1) / kPixChannels;
@@ -1267,7 +1396,7 @@ void Conv(const Ort::KernelContext& ctx, const ConvShape& s, const uint8_t* x, c
   };
   for (; n0 < s.N; n0 += nchunk) {
     const int64_t images = std::min(nchunk, s.N - n0);
-    const int64_t NG = images * groups;
+    const int64_t NG = images * (nhwc ? Hq : groups);
     // Tiny inputs are converted on the calling thread: waking the pool costs more than it saves
     // (measured: 2^13 elements; from 2^16, ResNet-18 batch 1 ran 8% slower in int8).
     if (images * per_image < (int64_t{1} << 13)) {

@@ -95,9 +95,9 @@ class LevelCache {
 // What follows Scale and Bias in LutConv / LutConvQuant (docs/onnx-ops.md): + Residual, relu,
 // and for LutConvQuant the thresholds, counted into uint8 levels instead of writing floats.
 struct Fused {
-  const float* residual = nullptr;  // [N, M, OH, OW], or nullptr
+  const float* residual = nullptr;  // [N, M, OH, OW] (channels last: [N, OH, OW, M]), or nullptr
   bool relu = false;
-  uint8_t* q = nullptr;  // levels [N, M, OH, OW]: LutConvQuant's output, LutConv's output Q
+  uint8_t* q = nullptr;  // levels, Y's shape: LutConvQuant's output, LutConv's output Q
   Levels levels;         // their QScale and QThresholds
   uint8_t* q2 = nullptr;  // LutConvQuant's output Q2 (only with q), or nullptr
   Levels levels2;         // its QScale2 and QThresholds2
@@ -110,11 +110,12 @@ void Finish(float* v, int64_t n, const Fused& f, int64_t at, Isa isa);
 
 struct ConvShape {
   int64_t N, C, H, W, M, kH, kW, sH, sW, dH, dW, pT, pL, pB, pR, OH, OW;
+  bool nhwc = false;  // channels last: X [N, H, W, C], outputs and residual [N, OH, OW, M]
 };
 
 // Y[n, m] = Scale[m] * conv(X, Codebook[codes]) + Bias[m] for group 1, then the fused
 // epilogue f (docs/onnx-ops.md), into y (nullptr: LutConvQuant, levels only) and f.q when set.
-// isa: kAvx512 or kAvx2 (kFloat only).
+// isa: kAvx512 or kAvx2 (kFloat only). Channels last (s.nhwc) only for kInt8.
 void Conv(const Ort::KernelContext& ctx, const ConvShape& s, const uint8_t* x, const Packed& w,
           const Lut& lut, const Affine& af, const Fused& f, float* y, Isa isa);
 

@@ -154,6 +154,9 @@ struct LutConvT {
     const int64_t relu = IntAttr(info, "relu", &zero);
     Check(relu == 0 || relu == 1, "attribute 'relu' must be 0 or 1, got ", relu);
     relu_ = relu == 1;
+    const int64_t last = IntAttr(info, "channels_last", &zero);
+    Check(last == 0 || last == 1, "attribute 'channels_last' must be 0 or 1, got ", last);
+    nhwc_ = last == 1;
     // Constant Codes and Codebook (initializers) are repacked once for the panel paths and kept.
     Ort::ConstKernelInfo ki(info);
     auto is_constant = [&](size_t i) {
@@ -188,12 +191,15 @@ struct LutConvT {
   }
 
   void Compute(Ort::KernelContext& ctx) const {
-    Tensor x = GetInput(ctx, 0, "X", kU8, 4);
+    const Tensor x = GetInput(ctx, 0, "X", kU8, 4);
     const int64_t M = GetInput(ctx, 1, "Codes", kU8, 2).shape[0];
-    const Geom g = Geometry(x, M);
+    // X's dimensions in NCHW order, whatever its layout.
+    Tensor xv = x;
+    if (nhwc_) xv.shape = {x.shape[0], x.shape[3], x.shape[1], x.shape[2]};
+    const Geom g = Geometry(xv, M);
     Lut lut = GetLut(ctx, 1, 2, bits_, M, g.R);
     Affine af = GetAffine(ctx, 3, 4, M);
-    const Shape yshape{g.N, M, g.OH, g.OW};
+    const Shape yshape = nhwc_ ? Shape{g.N, g.OH, g.OW, M} : Shape{g.N, M, g.OH, g.OW};
     panels::Fused f;
     f.relu = relu_;
     if (HasInput(ctx, 5)) {
@@ -214,17 +220,65 @@ struct LutConvT {
       f.q = OptionalLevels(ctx, yshape, 6, "Q", "QScale", "QThresholds", &f.levels);
     }
     const panels::Kind kind = panels::Choose(isa_, lut, group_, g.G, g.kH * g.kW);
+    if (!nhwc_ || kind == panels::Kind::kInt8) {
+      Run(ctx, g, xv, lut, af, f, y, kind, nhwc_);
+      return;
+    }
+    // Channels last without a channels-last kernel (float codebooks, no AVX-512 VNNI): the
+    // NCHW computation on transposed copies, its outputs transposed back.
+    const int64_t HW = g.H * g.W, P = g.P;
+    std::vector<uint8_t> xt(static_cast<size_t>(g.N * g.C * HW));
+    ToNchw(x.as<uint8_t>(), g.N, HW, g.C, xt.data());
+    xv.data = xt.data();
+    const size_t total = static_cast<size_t>(g.N * M * P);
+    std::vector<float> rt(f.residual ? total : 0), yt(y ? total : 0);
+    std::vector<uint8_t> qt(f.q ? total : 0), q2t(f.q2 ? total : 0);
+    panels::Fused ft = f;
+    if (f.residual) ToNchw(f.residual, g.N, P, M, rt.data());
+    ft.residual = f.residual ? rt.data() : nullptr;
+    ft.q = f.q ? qt.data() : nullptr;
+    ft.q2 = f.q2 ? q2t.data() : nullptr;
+    Run(ctx, g, xv, lut, af, ft, y ? yt.data() : nullptr, kind, false);
+    if (y) ToNhwc(yt.data(), g.N, P, M, y);
+    if (f.q) ToNhwc(qt.data(), g.N, P, M, f.q);
+    if (f.q2) ToNhwc(q2t.data(), g.N, P, M, f.q2);
+  }
+
+  // [N, HW, C] -> [N, C, HW] and back.
+  template <class T>
+  static void ToNchw(const T* src, int64_t N, int64_t HW, int64_t C, T* dst) {
+    for (int64_t n = 0; n < N; ++n) {
+      for (int64_t p = 0; p < HW; ++p) {
+        for (int64_t c = 0; c < C; ++c) dst[(n * C + c) * HW + p] = src[(n * HW + p) * C + c];
+      }
+    }
+  }
+  template <class T>
+  static void ToNhwc(const T* src, int64_t N, int64_t HW, int64_t C, T* dst) {
+    for (int64_t n = 0; n < N; ++n) {
+      for (int64_t c = 0; c < C; ++c) {
+        for (int64_t p = 0; p < HW; ++p) dst[(n * HW + p) * C + c] = src[(n * C + c) * HW + p];
+      }
+    }
+  }
+
+  // The convolution and epilogue f on x into y (nullptr for LutConvQuant) and f's levels, all
+  // in NCHW, or channels last (only for kind kInt8).
+  void Run(const Ort::KernelContext& ctx, const Geom& g, const Tensor& x, const Lut& lut,
+           const Affine& af, const panels::Fused& f, float* y, panels::Kind kind,
+           bool nhwc) const {
+    const int64_t M = g.M;
     if (kind != panels::Kind::kNone) {
       const auto packed = cache_.Get(lut, kind, g.G, g.kH * g.kW, constant_);
-      const panels::ConvShape s{g.N,  g.C,  g.H,  g.W,  M,        g.kH,     g.kW,     g.sH, g.sW,
-                                g.dH, g.dW, g.pT, g.pL, pads_[2], pads_[3], g.OH, g.OW};
+      const panels::ConvShape s{g.N,  g.C,  g.H,  g.W,  M,        g.kH,     g.kW,     g.sH,   g.sW,
+                                g.dH, g.dW, g.pT, g.pL, pads_[2], pads_[3], g.OH, g.OW, nhwc};
       panels::Conv(ctx, s, x.as<uint8_t>(), *packed, lut, af, f, y, isa_);
       return;
     }
     // The other paths write floats (LutConvQuant: to a buffer), then the epilogue runs over them.
     const int64_t total = CheckedMul(CheckedMul(g.N, M, "output"), g.P, "output");
-    std::vector<float> buffer(kQuant ? static_cast<size_t>(total) : 0);
-    if (kQuant) y = buffer.data();
+    std::vector<float> buffer(y ? 0 : static_cast<size_t>(total));
+    if (!y) y = buffer.data();
     ComputeFloat(ctx, g, x, lut, af, y);
     if (!f.residual && !f.relu && !f.q && !f.q2) return;
     constexpr int64_t kChunk = 1 << 14;
@@ -438,6 +492,7 @@ struct LutConvT {
   int64_t bits_, group_;
   Shape kernel_, strides_, pads_, dilations_;
   bool relu_ = false;
+  bool nhwc_ = false;  // channels_last
   bool constant_ = false;
   mutable panels::Cache cache_;
   mutable panels::LevelCache level_cache_[2];  // LutConvQuant: Q's and Q2's

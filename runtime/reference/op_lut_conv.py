@@ -56,9 +56,11 @@ def lut_conv(
     dilations,
     group,
     relu,
+    channels_last=0,
 ) -> np.ndarray:
-    """LutConv's output Y (float32 ``[N, M, OH, OW]``), validated; ``op`` names the caller in
-    errors (LutConvQuant computes its float tensor here too)."""
+    """LutConv's output Y (float32 ``[N, M, OH, OW]``, ``[N, OH, OW, M]`` with channels_last),
+    validated; ``op`` names the caller in errors (LutConvQuant computes its float tensor here
+    too)."""
     bits = check_bits(op, bits)
     kh, kw = check_ints(op, "kernel_shape", kernel_shape, 2, 1)
     strides = check_ints(op, "strides", strides, 2, 1)
@@ -66,7 +68,10 @@ def lut_conv(
     dilations = check_ints(op, "dilations", dilations, 2, 1)
     group = check_int(op, "group", group, 1)
     relu = check_flag(op, "relu", relu)
+    last = check_flag(op, "channels_last", channels_last)
     X = check_tensor(op, "X", X, "uint8", 4)
+    if last:  # the NCHW computation on transposed X and Residual, Y transposed back
+        X = X.transpose(0, 3, 1, 2)
     n, c, h, w = X.shape
     if c % group:
         raise ValueError(f"{op}: input channels {c} not divisible by group {group}")
@@ -84,11 +89,14 @@ def lut_conv(
         raise ValueError(f"{op}: empty output spatial size {oh}x{ow}")
     if Residual is not None:
         Residual = check_tensor(op, "Residual", Residual, "float", 4)
-        if Residual.shape != (n, m, oh, ow):
+        shape = (n, oh, ow, m) if last else (n, m, oh, ow)
+        if Residual.shape != shape:
             raise ValueError(
-                f"{op}: Residual must have the output's shape {[n, m, oh, ow]}, "
+                f"{op}: Residual must have the output's shape {list(shape)}, "
                 f"got {list(Residual.shape)}"
             )
+        if last:
+            Residual = Residual.transpose(0, 3, 1, 2)
 
     xp = np.pad(X, ((0, 0), (0, 0), (top, bottom), (left, right))).astype(np.float64)
     cols = _im2col(xp, (kh, kw), strides, dilations, (oh, ow))
@@ -100,7 +108,7 @@ def lut_conv(
         y = y + Residual  # one float32 addition, as the unfused Add
     if relu:
         y = np.maximum(y, np.float32(0))  # NaN stays NaN
-    return y
+    return np.ascontiguousarray(y.transpose(0, 2, 3, 1)) if last else y
 
 
 def level_output_wanted(
@@ -139,12 +147,13 @@ class LutConv(OpRun):
         dilations=_DEFAULTS["dilations"],
         group=_DEFAULTS["group"],
         relu=_DEFAULTS["relu"],
+        channels_last=_DEFAULTS["channels_last"],
     ):
         op = "LutConv"
         quant = None
         if level_output_wanted(op, self.onnx_node.output, QScale, QThresholds):
             quant = check_quant_params(op, QScale, QThresholds, ("QScale", "QThresholds"))
         attrs = dict(bits=bits, kernel_shape=kernel_shape, strides=strides, pads=pads)
-        attrs.update(dilations=dilations, group=group, relu=relu)
+        attrs.update(dilations=dilations, group=group, relu=relu, channels_last=channels_last)
         y = lut_conv(op, X, Codes, Codebook, Scale, Bias, Residual, **attrs)
         return (y,) if quant is None else (y, quantize(y, *quant))

@@ -37,6 +37,7 @@ class LutConvQuant(OpRun):
         dilations=_DEFAULTS["dilations"],
         group=_DEFAULTS["group"],
         relu=_DEFAULTS["relu"],
+        channels_last=_DEFAULTS["channels_last"],
     ):
         op = "LutConvQuant"
         qscale, thr = check_quant_params(op, QScale, QThresholds, ("QScale", "QThresholds"))
@@ -45,7 +46,7 @@ class LutConvQuant(OpRun):
             names = ("QScale2", "QThresholds2")
             second = check_quant_params(op, QScale2, QThresholds2, names)
         attrs = dict(bits=bits, kernel_shape=kernel_shape, strides=strides, pads=pads)
-        attrs.update(dilations=dilations, group=group, relu=relu)
+        attrs.update(dilations=dilations, group=group, relu=relu, channels_last=channels_last)
         y = lut_conv(op, X, Codes, Codebook, Scale, Bias, Residual, **attrs)
         q = quantize(y, qscale, thr)
         return (q,) if second is None else (q, quantize(y, *second))
