@@ -15,6 +15,9 @@ operations.
 With ``int_codebooks`` every codebook is snapped as the int8 format snaps it (C ~ s_w * c,
 integers c) and stored as the integers c, s_w folded into the layer's scale: the same codes and
 file size, and LutConv runs its exact int8 x uint8 kernel (AVX-512 VNNI) on such codebooks.
+That kernel reads and writes channels-last tensors without transposes, so these models run
+their convolutions with channels_last = 1 (exporters.graph.to_channels_last): NHWC between
+them, a Transpose where the activations enter (after the float first layer) and leave.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from onnx import helper
 from runtime.packing import pack_rows
 
 from .fold import FoldedLayer, FoldedModel
-from .graph import drop_relu_before_thresholds, fold_constants, fuse_lut_conv
+from .graph import drop_relu_before_thresholds, fold_constants, fuse_lut_conv, to_channels_last
 from .skeleton import DOMAIN
 from .write_int8 import snapped, snapping_report
 from .writer import affine_nodes, init, replace_placeholders, set_metadata, set_opsets
@@ -115,6 +118,8 @@ def write_adq(folded: FoldedModel, int_codebooks: bool = False) -> onnx.ModelPro
     constants = fold_constants(model)  # what onnxsim does for the other formats
     fused = fuse_lut_conv(model, DOMAIN)
     log.debug("adq: %d constant nodes folded; fusion: %s", constants, fused)
+    if int_codebooks:
+        to_channels_last(model.graph, DOMAIN)
     extra: dict = {"code_packing": "row-aligned, LSB-first bit stream"}
     if int_codebooks:
         extra.update(int_codebooks="true", snapping=snapping_report(folded))

@@ -19,6 +19,7 @@ from exporters.graph import (
     fold_constants,
     fuse_lut_conv,
     known_shapes,
+    to_channels_last,
 )
 from runtime.packing import pack_rows
 from runtime.reference import run_reference
@@ -518,3 +519,58 @@ def test_known_shapes_see_through_adq_ops():
     shapes = known_shapes(lut_conv_model(tail, outputs=[("q", TensorProto.UINT8, [None] * 4)]))
     assert shapes["y"] == shapes["a"] == shapes["q"] == (N, M, H, H)
     assert shapes["codes"] == (M, 9)
+
+
+def test_channels_last_keeps_the_outputs():
+    """to_channels_last: the convolutions and the ThresholdQuant between them run NHWC, with one
+    Transpose in (x), one out per tensor read elsewhere (y by a Relu, z as a graph output), and
+    the pool of z a ReduceMean of its NHWC form: the same outputs under the same names."""
+    codes2 = pack_rows(np.random.default_rng(3).integers(0, 4, size=(M, M * 9)), 2)
+    tail = [
+        oh.make_node("ThresholdQuant", ["y", "s", "t"], ["q"], domain=DOMAIN),
+        oh.make_node(
+            "LutConv",
+            ["q", "codes2", "book", "scale", "bias", "y"],
+            ["z"],
+            domain=DOMAIN,
+            bits=2,
+            kernel_shape=[3, 3],
+            pads=[1, 1, 1, 1],
+        ),
+        oh.make_node("GlobalAveragePool", ["z"], ["p"]),
+        oh.make_node("Relu", ["y"], ["r"]),
+    ]
+    outs = [("p", TensorProto.FLOAT, [N, M, 1, 1]), ("r", TensorProto.FLOAT, Y_SHAPE)]
+    outs.append(("z", TensorProto.FLOAT, Y_SHAPE))
+    model = lut_conv_model(tail, outputs=outs)
+    model.graph.initializer.append(numpy_helper.from_array(codes2, "codes2"))
+    after = copy.deepcopy(model)
+    assert to_channels_last(after.graph, DOMAIN) == 2
+    register_onnx_schemas()
+    onnx.checker.check_model(after, full_check=True)
+    assert sorted(ops(after)) == sorted(
+        ["LutConv", "LutConv", "ThresholdQuant", "ReduceMean", "Relu"] + ["Transpose"] * 4
+    )
+    by_output = {o: n for n in after.graph.node for o in n.output}
+    assert by_output["q"].input[0] == "y_nhwc"  # the quantizer reads the NHWC tensor
+    assert by_output["z_nhwc"].input[0] == "q" and by_output["z_nhwc"].input[5] == "y_nhwc"
+    for n in after.graph.node:
+        if n.op_type == "LutConv":
+            assert (
+                oh.get_attribute_value(next(a for a in n.attribute if a.name == "channels_last"))
+                == 1
+            )
+    x = feeds(model)
+    before, now = run_reference(model, x), run_reference(after, x)
+    for b, a in zip(before, now, strict=True):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(now[1], before[1])  # r, z: the same float operations
+    np.testing.assert_array_equal(now[2], before[2])
+
+
+def test_channels_last_without_convolutions_changes_nothing():
+    model = relu_then_thresholds(1.0, [0.5])
+    after = copy.deepcopy(model)
+    assert to_channels_last(after.graph, DOMAIN) == 0
+    assert after == model
