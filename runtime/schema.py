@@ -62,6 +62,14 @@ _RESIDUAL = Param("Residual", "float", optional=True)
 _QUANT = (Param("QScale", "float"), Param("QThresholds", "float"))
 # LutConvQuant's optional second quantizer (output Q2)
 _QUANT2 = (Param("QScale2", "float", optional=True), Param("QThresholds2", "float", optional=True))
+# The optional 1x1 shortcut convolution whose output is added in place of a Residual
+_SHORTCUT = (
+    Param("ShortcutX", "uint8", optional=True),
+    Param("ShortcutCodes", "uint8", optional=True),
+    Param("ShortcutCodebook", "float", optional=True),
+    Param("ShortcutScale", "float", optional=True),
+    Param("ShortcutBias", "float", optional=True),
+)
 _CONV_ATTRS = (
     Attr("bits", "int"),
     Attr("kernel_shape", "ints"),
@@ -71,6 +79,8 @@ _CONV_ATTRS = (
     Attr("group", "int", 1),
     Attr("relu", "int", 0),
     Attr("channels_last", "int", 0),
+    Attr("shortcut_bits", "int", 0),
+    Attr("shortcut_strides", "ints", (1, 1)),
 )
 
 OPS: tuple[OpDecl, ...] = (
@@ -90,8 +100,9 @@ OPS: tuple[OpDecl, ...] = (
     OpDecl(
         "LutConv",
         "Y = [relu](Scale[m] * conv(X, Codebook[unpack(Codes)]) + Bias[m] [+ Residual]) on uint8 "
-        "levels X; optional Q = ThresholdQuant(Y, QScale, QThresholds) (with both inputs).",
-        _LUT_INPUTS + (_RESIDUAL, *(replace(p, optional=True) for p in _QUANT)),
+        "levels X; optional Q = ThresholdQuant(Y, QScale, QThresholds) (with both inputs); "
+        "optionally a 1x1 shortcut convolution added in place of Residual.",
+        _LUT_INPUTS + (_RESIDUAL, *(replace(p, optional=True) for p in _QUANT), *_SHORTCUT),
         (Param("Y", "float"), Param("Q", "uint8", optional=True)),
         _CONV_ATTRS,
     ),
@@ -100,7 +111,7 @@ OPS: tuple[OpDecl, ...] = (
         "Q = ThresholdQuant(LutConv(X, Codes, Codebook, Scale, Bias, Residual), QScale, "
         "QThresholds): the next layer's uint8 levels without the float tensor; optional Q2 the "
         "same with QScale2, QThresholds2 (a second reader's quantizer).",
-        _LUT_INPUTS + (_RESIDUAL, *_QUANT, *_QUANT2),
+        _LUT_INPUTS + (_RESIDUAL, *_QUANT, *_QUANT2, *_SHORTCUT),
         (Param("Q", "uint8"), Param("Q2", "uint8", optional=True)),
         _CONV_ATTRS,
     ),

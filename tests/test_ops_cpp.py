@@ -466,11 +466,14 @@ def test_lut_conv_quant_matches_reference(so2):
     check_levels(so2, cases[:100], constants=("Codes", "Codebook", "Scale"))
 
 
+_ACTIVATIONS = ("X", "Residual", "ShortcutX")
+
+
 def _channels_last(case):
-    """A case with channels_last = 1: X and Residual transposed to NHWC."""
+    """A case with channels_last = 1: X, Residual and ShortcutX transposed to NHWC."""
     inputs, attrs = case
     nhwc = {
-        k: v.transpose(0, 2, 3, 1).copy() if k in ("X", "Residual") and v is not None else v
+        k: v.transpose(0, 2, 3, 1).copy() if k in _ACTIVATIONS and v is not None else v
         for k, v in inputs.items()
     }
     return nhwc, {**attrs, "channels_last": 1}
@@ -536,6 +539,92 @@ def test_channels_last_int8_kernel_equals_its_nchw_form(so2):
             for a, b in zip(nchw, nhwc, strict=True):
                 assert b.shape == a.transpose(0, 2, 3, 1).shape
                 np.testing.assert_array_equal(b, a.transpose(0, 2, 3, 1), err_msg=f"{op} {attrs}")
+
+
+def shortcut_cases(seed, count):
+    """3x3 layers with a 1x1 shortcut in place of the Residual (a downsampling block's second
+    convolution and its shortcut) at shortcut strides 1-3: integer codebooks for both in most
+    cases (channels last with shortcut channels a multiple of 4 and codes of at most 4 bits:
+    the int8 kernel adds the shortcut tile by tile), the others through a buffer."""
+    rng = np.random.default_rng(seed)
+    cases = []
+    for i in range(count):
+        n, c, m = int(rng.integers(1, 4)), int(rng.choice([4, 8, 13])), int(rng.choice([7, 16, 40]))
+        h, w, s2 = int(rng.integers(2, 10)), int(rng.integers(2, 30)), int(rng.choice([1, 2, 3]))
+        c2 = int(rng.choice([4, 8, 16, 5]))
+        h2, w2 = s2 * h - int(rng.integers(0, s2)), s2 * w - int(rng.integers(0, s2))
+        integer = i % 4 != 3
+        bits, bits2 = int(rng.choice([2, 3, 4])), int(rng.choice([2, 3, 4, 4, 8]))
+        packed, codebook = _codes(rng, bits, m, c * 9, integer)
+        packed2, codebook2 = _codes(rng, bits2, m, c2, integer)
+        scale, bias = _affine(rng, m)
+        scale2, bias2 = _affine(rng, m)
+        inputs = {"X": _levels(rng, (n, c, h, w)), "Codes": packed, "Codebook": codebook}
+        inputs.update(Scale=scale, Bias=bias, ShortcutX=_levels(rng, (n, c2, h2, w2)))
+        inputs.update(ShortcutCodes=packed2, ShortcutCodebook=codebook2, ShortcutScale=scale2)
+        inputs.update(ShortcutBias=bias2)
+        attrs = {"bits": bits, "kernel_shape": [3, 3], "pads": [1, 1, 1, 1]}
+        attrs.update(relu=int(rng.integers(0, 2)), shortcut_bits=bits2)
+        attrs["shortcut_strides"] = [s2, s2]
+        cases.append((inputs, attrs))
+    return cases
+
+
+def with_levels(rng, cases):
+    """The cases with QScale and thresholds between their output values."""
+    out = []
+    for inputs, attrs in cases:
+        qscale = np.float32(rng.uniform(0.5, 2.0))
+        thr = _thresholds_between(rng, qscale * run_single("LutConv", inputs, attrs))
+        out.append(({**inputs, "QScale": np.array([qscale]), "QThresholds": thr}, attrs))
+    return out
+
+
+@pytest.mark.parametrize("last", [False, True])
+def test_shortcut_matches_reference(so2, last):
+    """LutConv / LutConvQuant with a 1x1 shortcut: Y, Q and Q2 against the reference, in both
+    layouts (NHWC: the int8 kernel's fused path where it applies)."""
+    rng = np.random.default_rng(52)
+    layout = _channels_last if last else (lambda case: case)
+    cases = [layout(c) for c in shortcut_cases(seed=51, count=80)]
+    check_cases(so2, "LutConv", cases)
+    check_cases(so2, "LutConv", cases[:30], constants=("ShortcutCodes", "ShortcutCodebook"))
+    quant = with_levels(rng, cases[:50])
+    check_y_and_levels(so2, quant)
+    quant = [({**i, "Residual": None}, a) for i, a in quant]
+    check_two_levels(so2, with_second_quantizer(rng, quant))
+    check_levels(so2, quant, constants=("Codes", "Codebook", "ShortcutCodes", "ShortcutCodebook"))
+
+
+def test_shortcut_int8_kernel_equals_the_two_nodes(so2):
+    """The fused shortcut changes no bit: the int8 kernel's Y and levels equal those of the
+    shortcut run as its own LutConv and added as the Residual (batches in chunks included)."""
+    rng = np.random.default_rng(53)
+    cases = []
+    for c, m, hw, s2, n in [(64, 128, 14, 2, 2), (16, 32, 28, 2, 9), (32, 64, 7, 1, 3)]:
+        packed = pack_rows(rng.integers(0, 8, size=(m, c * 9)), 3)
+        packed2 = pack_rows(rng.integers(0, 16, size=(m, c // 2)), 4)
+        inputs = {"X": _levels(rng, (n, c, hw, hw)), "Codes": packed}
+        inputs.update(Codebook=np.arange(-4, 4).astype(np.float32), Scale=_affine(rng, m)[0])
+        inputs.update(Bias=rng.normal(size=m).astype(np.float32))
+        inputs["ShortcutX"] = _levels(rng, (n, c // 2, hw * s2, hw * s2))
+        inputs.update(ShortcutCodes=packed2, ShortcutCodebook=np.arange(-8, 8).astype(np.float32))
+        inputs.update(
+            ShortcutScale=_affine(rng, m)[0], ShortcutBias=rng.normal(size=m).astype(np.float32)
+        )
+        attrs = {"bits": 3, "kernel_shape": [3, 3], "pads": [1, 1, 1, 1], "relu": 1}
+        attrs.update(shortcut_bits=4, shortcut_strides=[s2, s2])
+        cases.append(_channels_last((inputs, attrs)))
+    for inputs, attrs in with_levels(rng, cases):
+        fused = run_ort(so2, "LutConv", inputs, attrs, ("Codes",), ("Y", "Q"))
+        short = {k[len("Shortcut") :]: v for k, v in inputs.items() if k.startswith("Shortcut")}
+        s_attrs = {"bits": 4, "kernel_shape": [1, 1], "strides": attrs["shortcut_strides"]}
+        s = run_ort(so2, "LutConv", short, {**s_attrs, "channels_last": 1})
+        main = {k: v for k, v in inputs.items() if not k.startswith("Shortcut")}
+        plain = {k: v for k, v in attrs.items() if not k.startswith("shortcut")}
+        two = run_ort(so2, "LutConv", {**main, "Residual": s}, plain, ("Codes",), ("Y", "Q"))
+        for a, b in zip(fused, two, strict=True):
+            np.testing.assert_array_equal(a, b)
 
 
 def test_lut_conv_quant_exact_ties(so2):
@@ -958,6 +1047,10 @@ def _error_cases():
         return ("LutConv", *_with(conv, **kw))
 
     y_shape = run_single("LutConv", *conv).shape
+    codes2, book2 = _codes(np.random.default_rng(5), 2, y_shape[1], 3)
+    shortcut = {"ShortcutX": _levels(np.random.default_rng(6), (1, 3, 4, 4))}
+    shortcut.update(ShortcutCodes=codes2, ShortcutCodebook=book2)
+    shortcut.update(ShortcutScale=np.ones(1, np.float32), shortcut_bits=2)
     quant_ok = (
         {
             **conv[0],
@@ -1030,6 +1123,23 @@ def _error_cases():
         "conv Residual uint8": (cv(Residual=np.zeros(y_shape, np.uint8)), "Type Error"),
         "conv relu 2": (cv(relu=2), "'relu' must be 0 or 1"),
         "conv channels_last 2": (cv(channels_last=2), "'channels_last' must be 0 or 1"),
+        "shortcut without its scale": (
+            cv(**{k: v for k, v in shortcut.items() if k != "ShortcutScale"}),
+            "ShortcutX, ShortcutCodes, ShortcutCodebook and ShortcutScale go together",
+        ),
+        "shortcut beside a Residual": (
+            cv(**shortcut, Residual=np.zeros(y_shape, np.float32)),
+            "a Residual or a shortcut, not both",
+        ),
+        "shortcut without bits": (
+            cv(**{**shortcut, "shortcut_bits": 0}),
+            "the shortcut needs shortcut_bits",
+        ),
+        "shortcut output of another shape": (
+            cv(**shortcut, shortcut_strides=[2, 2]),
+            "the shortcut's output must have Y's shape",
+        ),
+        "shortcut strides 0": (cv(**shortcut, shortcut_strides=[0, 1]), "shortcut_strides must be"),
         "conv channels_last Residual in NCHW": (
             (
                 "LutConv",

@@ -591,6 +591,13 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void StoreTileNhwc(const fl
   }
 }
 
+// t[i] += u[i] for i < n (a multiple of 16; both 64-byte aligned): a tile plus its shortcut's.
+__attribute__((target("avx512f"))) void AddTile(float* t, const float* u, int64_t n) {
+  for (int64_t i = 0; i < n; i += kLanes) {
+    _mm512_store_ps(t + i, _mm512_add_ps(_mm512_load_ps(t + i), _mm512_load_ps(u + i)));
+  }
+}
+
 template <size_t... I>
 constexpr std::array<StoreFn, sizeof...(I)> StoresNhwc(std::index_sequence<I...>) {
   return {&StoreTileNhwc<(I & 8) != 0, (I & 4) != 0, (I & 2) != 0, (I & 1) != 0>...};
@@ -1174,14 +1181,21 @@ void Conv(const Ort::KernelContext& ctx, const ConvShape& s, const uint8_t* x, c
     nhwc ? convert_nhwc(t) : integer ? convert_quads(t) : convert_floats(t);
   };
 
-  // Scales and biases padded to whole panels.
+  // Scales and biases padded to whole panels (the node's, and its shortcut's).
   const int64_t blocks = (s.M + kLanes - 1) / kLanes, npanels = (blocks + 1) / 2;
-  std::vector<float> sb(static_cast<size_t>(npanels * 4 * kLanes), 0.0f);
-  for (int64_t m = 0; m < s.M; ++m) {
-    const int64_t p = m / (2 * kLanes), l = m % (2 * kLanes);
-    sb[p * 4 * kLanes + l] = af.scale[m * af.scale_step];
-    sb[p * 4 * kLanes + 2 * kLanes + l] = af.bias ? af.bias[m] : 0.0f;
-  }
+  auto panel_affine = [&](const Affine& a) {
+    std::vector<float> v(static_cast<size_t>(npanels * 4 * kLanes), 0.0f);
+    for (int64_t m = 0; m < s.M; ++m) {
+      const int64_t p = m / (2 * kLanes), l = m % (2 * kLanes);
+      v[p * 4 * kLanes + l] = a.scale[m * a.scale_step];
+      v[p * 4 * kLanes + 2 * kLanes + l] = a.bias ? a.bias[m] : 0.0f;
+    }
+    return v;
+  };
+  const std::vector<float> sb = panel_affine(af);
+  const Shortcut& sc = f.shortcut;
+  const std::vector<float> sb2 = sc.x ? panel_affine(sc.af) : std::vector<float>{};
+  const int64_t zero_tap = 0;
 
   // Tiles of at most qmax outputs within one output row (a row of OW splits into near-equal
   // parts), so that every tap reads qmax consecutive cells of a phase plane row.
@@ -1212,7 +1226,7 @@ void Conv(const Ort::KernelContext& ctx, const ConvShape& s, const uint8_t* x, c
   // that many thresholds the count itself costs the same either way.
   const int64_t sum_bound = 255 * 128 * 4 * groups * taps;
   std::shared_ptr<const IntLevels> ilv[2];
-  bool int_levels = integer && f.q && !f.residual && !y && f.level_cache[0] &&
+  bool int_levels = integer && f.q && !f.residual && !sc.x && !y && f.level_cache[0] &&
                     (nhwc || HasVbmi()) &&
                     sum_bound < (int64_t{1} << 30) && f.levels.T <= kMaxIntLevelsT &&
                     (!f.q2 || f.levels2.T <= kMaxIntLevelsT);
@@ -1234,6 +1248,7 @@ void Conv(const Ort::KernelContext& ctx, const ConvShape& s, const uint8_t* x, c
     // Per thread, zeroed once (not per task): StoreTileLevels reads (finite, unused) floats past
     // a tile's nq outputs.
     alignas(64) static thread_local float tile[kMaxQ1 * 2 * kLanes];
+    alignas(64) static thread_local float tile2[kMaxQInt * 2 * kLanes];  // the shortcut's
     TileArgs a{};
     if (integer) {
       a.w = w.int8.data() + p * groups * taps * 8 * kLanes;
@@ -1315,13 +1330,18 @@ void Conv(const Ort::KernelContext& ctx, const ConvShape& s, const uint8_t* x, c
         a.x = nhwc      ? static_cast<const void*>(qplanes + image * 4 + (oh * Wq + ow0) * Cb)
               : integer ? static_cast<const void*>(qplanes + in * 4)
                         : fplanes + in;
-        if (f.residual) {  // the residual rows of the tile `ahead` tiles on (at a task's start:
-                           // of the tiles before it too)
+        if (f.residual || sc.x) {  // the residual rows (or shortcut pixels) of the tile `ahead`
+                                   // tiles on (at a task's start: of the tiles before it too)
           const int64_t t = (oh - oh0) * parts + part;
           for (int64_t u = t == 0 ? 0 : t + ahead; u <= t + ahead && u < ntiles; ++u) {
             const int64_t uh = oh0 + u / parts, up = u % parts;
             const int64_t un = starts[up + 1] - starts[up], ua = out_at(uh * s.OW + starts[up]);
-            if (nhwc) {  // un positions, mcount floats each
+            if (sc.x) {  // un pixels, each of sc.C bytes
+              const uint8_t* px = sc.x + ((n * sc.H + uh * sc.sH) * sc.W + starts[up] * sc.sW) * sc.C;
+              for (int64_t i = 0; i < un; ++i, px += sc.sW * sc.C) {
+                for (int64_t c = 0; c < sc.C; c += 64) asm volatile("prefetcht0 %0" : : "m"(px[c]));
+              }
+            } else if (nhwc) {  // un positions, mcount floats each
               PrefetchRows(f.residual + ua, mcount, un, s.M);
             } else {
               PrefetchRows(f.residual + ua, un, mcount, P);
@@ -1340,6 +1360,21 @@ void Conv(const Ort::KernelContext& ctx, const ConvShape& s, const uint8_t* x, c
           continue;
         }
         tiles[nq - 1](a);
+        if (sc.x) {  // S of the same outputs: 1x1 sums straight from the NHWC input
+          TileArgs b = a;
+          b.w = sc.w->int8.data() + p * (sc.C / 4) * 8 * kLanes;
+          b.C = sc.C / 4;
+          b.taps = 1;
+          b.tapoff = &zero_tap;
+          b.cstride = 4;
+          b.xstep = sc.sW * sc.C;
+          b.x = sc.x + ((n * sc.H + oh * sc.sH) * sc.W + ow0 * sc.sW) * sc.C;
+          b.scale = sb2.data() + p * 4 * kLanes;
+          b.bias = b.scale + 2 * kLanes;
+          b.out = tile2;
+          kTilesInt[1][nb - 1][nq - 1](b);
+          AddTile(tile, tile2, nq * 2 * kLanes);
+        }
         store(tile, nq, mcount, OutputsAt(f, y, out_at(oh * s.OW + ow0)), ostep);
       }
     }

@@ -92,6 +92,16 @@ class LevelCache {
   std::shared_ptr<const IntLevels> levels_;
 };
 
+// A node's 1x1 shortcut on the int8 path, channels last: S = Scale * conv1x1(x) + Bias (float32,
+// as LutConv rounds it) computed tile by tile next to the node's own sums and added in place of
+// a Residual (docs/onnx-ops.md).
+struct Shortcut {
+  const uint8_t* x = nullptr;  // [N, H, W, C] with C % 4 == 0; nullptr: no shortcut
+  std::shared_ptr<const Packed> w;  // kInt8, C channels, 1 tap
+  Affine af;
+  int64_t C = 0, H = 0, W = 0, sH = 1, sW = 1;
+};
+
 // What follows Scale and Bias in LutConv / LutConvQuant (docs/onnx-ops.md): + Residual, relu,
 // and for LutConvQuant the thresholds, counted into uint8 levels instead of writing floats.
 struct Fused {
@@ -102,6 +112,7 @@ struct Fused {
   uint8_t* q2 = nullptr;  // LutConvQuant's output Q2 (only with q), or nullptr
   Levels levels2;         // its QScale2 and QThresholds2
   LevelCache* level_cache[2] = {nullptr, nullptr};  // LutConvQuant's, for q and q2
+  Shortcut shortcut;  // (int8, channels last) added in place of residual
 };
 
 // The fused epilogue on n consecutive outputs v (in place) at flat output index `at`; with f.q

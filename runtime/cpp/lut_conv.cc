@@ -30,7 +30,13 @@ namespace {
 using gemm::RoundUp;
 
 struct Geom {
-  int64_t N, C, H, W, M, group, G, Mg, kH, kW, sH, sW, dH, dW, pT, pL, OH, OW, P, R;
+  int64_t N, C, H, W, M, group, G, Mg, kH, kW, sH, sW, dH, dW, pT, pL, pB, pR, OH, OW, P, R;
+};
+
+// A convolution's attributes: the node's own, or its 1x1 shortcut's.
+struct ConvAttrs {
+  Shape kernel, strides, pads, dilations;
+  int64_t group = 1;
 };
 
 // Range [lo, hi) of output columns whose input column ow * sW + off lies in [0, W).
@@ -88,10 +94,11 @@ inline void Epilogue(float* y, int64_t n, const Affine& af, int64_t m) {
   for (int64_t q = 0; q < n; ++q) y[q] = s * y[q] + b;
 }
 
-template <size_t N>
+// uint8: X and Codes, ShortcutX and ShortcutCodes (inputs sc, sc + 1); the others float.
+template <size_t N, size_t sc>
 constexpr std::array<ONNXTensorElementDataType, N> ConvInputs() {
   std::array<ONNXTensorElementDataType, N> types{};
-  for (size_t i = 0; i < N; ++i) types[i] = i < 2 ? kU8 : kF32;
+  for (size_t i = 0; i < N; ++i) types[i] = i < 2 || i == sc || i == sc + 1 ? kU8 : kF32;
   return types;
 }
 
@@ -124,39 +131,51 @@ template <bool kQuant>
 struct LutConvT {
   static constexpr const char* kName = kQuant ? "LutConvQuant" : "LutConv";
   // X, Codes (uint8), Codebook, Scale, Bias, Residual, QScale, QThresholds (LutConvQuant:
-  // QScale2, QThresholds2)
-  static constexpr auto kInputs = ConvInputs<kQuant ? 10 : 8>();
+  // QScale2, QThresholds2), then from kShortcut on ShortcutX, ShortcutCodes (uint8),
+  // ShortcutCodebook, ShortcutScale, ShortcutBias
+  static constexpr size_t kShortcut = kQuant ? 10 : 8;
+  static constexpr auto kInputs = ConvInputs<kShortcut + 5, kShortcut>();
   // LutConv: Y and optionally its levels Q; LutConvQuant: Q and optionally Q2
   static constexpr auto kOutputs = ConvOutputs<kQuant>();
-  static constexpr uint32_t kOptionalInputs = kQuant ? 0x330u : 0xF0u;
+  static constexpr uint32_t kOptionalInputs = (kQuant ? 0x330u : 0xF0u) | (0x1Fu << kShortcut);
   static constexpr uint32_t kOptionalOutputs = 0x2u;
 
   explicit LutConvT(const OrtKernelInfo* info) : isa_(SelectIsa()) {
     bits_ = BitsAttr(info);
-    kernel_ = IntsAttr(info, "kernel_shape", nullptr);
     const Shape ones{1, 1}, zeros{0, 0, 0, 0};
-    const int64_t one = 1;
-    strides_ = IntsAttr(info, "strides", &ones);
-    pads_ = IntsAttr(info, "pads", &zeros);
-    dilations_ = IntsAttr(info, "dilations", &ones);
-    group_ = IntAttr(info, "group", &one);
-    Check(kernel_.size() == 2, "kernel_shape must have 2 values, got ", ShapeStr(kernel_));
-    Check(strides_.size() == 2, "strides must have 2 values, got ", ShapeStr(strides_));
-    Check(dilations_.size() == 2, "dilations must have 2 values, got ", ShapeStr(dilations_));
-    Check(pads_.size() == 4, "pads must have 4 values, got ", ShapeStr(pads_));
+    const int64_t one = 1, zero = 0;
+    ConvAttrs& a = conv_;
+    a.kernel = IntsAttr(info, "kernel_shape", nullptr);
+    a.strides = IntsAttr(info, "strides", &ones);
+    a.pads = IntsAttr(info, "pads", &zeros);
+    a.dilations = IntsAttr(info, "dilations", &ones);
+    a.group = IntAttr(info, "group", &one);
+    Check(a.kernel.size() == 2, "kernel_shape must have 2 values, got ", ShapeStr(a.kernel));
+    Check(a.strides.size() == 2, "strides must have 2 values, got ", ShapeStr(a.strides));
+    Check(a.dilations.size() == 2, "dilations must have 2 values, got ", ShapeStr(a.dilations));
+    Check(a.pads.size() == 4, "pads must have 4 values, got ", ShapeStr(a.pads));
     const int64_t kLimit = int64_t{1} << 24;
-    for (int64_t v : kernel_) Check(v > 0 && v < kLimit, "kernel_shape must be positive, got ", ShapeStr(kernel_));
-    for (int64_t v : strides_) Check(v > 0 && v < kLimit, "strides must be positive, got ", ShapeStr(strides_));
-    for (int64_t v : dilations_) Check(v > 0 && v < kLimit, "dilations must be positive, got ", ShapeStr(dilations_));
-    for (int64_t v : pads_) Check(v >= 0 && v < kLimit, "pads must be non-negative, got ", ShapeStr(pads_));
-    Check(group_ >= 1, "group must be >= 1, got ", group_);
-    const int64_t zero = 0;
+    for (int64_t v : a.kernel) Check(v > 0 && v < kLimit, "kernel_shape must be positive, got ", ShapeStr(a.kernel));
+    for (int64_t v : a.strides) Check(v > 0 && v < kLimit, "strides must be positive, got ", ShapeStr(a.strides));
+    for (int64_t v : a.dilations) Check(v > 0 && v < kLimit, "dilations must be positive, got ", ShapeStr(a.dilations));
+    for (int64_t v : a.pads) Check(v >= 0 && v < kLimit, "pads must be non-negative, got ", ShapeStr(a.pads));
+    Check(a.group >= 1, "group must be >= 1, got ", a.group);
     const int64_t relu = IntAttr(info, "relu", &zero);
     Check(relu == 0 || relu == 1, "attribute 'relu' must be 0 or 1, got ", relu);
     relu_ = relu == 1;
     const int64_t last = IntAttr(info, "channels_last", &zero);
     Check(last == 0 || last == 1, "attribute 'channels_last' must be 0 or 1, got ", last);
     nhwc_ = last == 1;
+    shortcut_bits_ = IntAttr(info, "shortcut_bits", &zero);
+    Check(shortcut_bits_ >= 0 && shortcut_bits_ <= 8, "shortcut_bits must be in 0..8, got ",
+          shortcut_bits_);
+    shortcut_ = ConvAttrs{ones, IntsAttr(info, "shortcut_strides", &ones), zeros, ones, 1};
+    Check(shortcut_.strides.size() == 2, "shortcut_strides must have 2 values, got ",
+          ShapeStr(shortcut_.strides));
+    for (int64_t v : shortcut_.strides) {
+      Check(v > 0 && v < kLimit, "shortcut_strides must be positive, got ",
+            ShapeStr(shortcut_.strides));
+    }
     // Constant Codes and Codebook (initializers) are repacked once for the panel paths and kept.
     Ort::ConstKernelInfo ki(info);
     auto is_constant = [&](size_t i) {
@@ -169,34 +188,42 @@ struct LutConvT {
       return constant != 0;
     };
     constant_ = ki.GetInputCount() > 2 && is_constant(1) && is_constant(2);
+    shortcut_constant_ = ki.GetInputCount() > kShortcut + 2 && is_constant(kShortcut + 1) &&
+                         is_constant(kShortcut + 2);
   }
 
-  Geom Geometry(const Tensor& x, int64_t M) const {
+  // The geometry of a convolution with attributes a of x (dims in NCHW order) to M channels.
+  static Geom Geometry(const Tensor& x, int64_t M, const ConvAttrs& a) {
     Geom g{};
     g.N = x.shape[0], g.C = x.shape[1], g.H = x.shape[2], g.W = x.shape[3];
-    g.M = M, g.group = group_;
-    Check(g.C % group_ == 0, "input channels C=", g.C, " not divisible by group=", group_);
-    Check(M % group_ == 0, "output channels M=", M, " not divisible by group=", group_);
-    g.G = g.C / group_, g.Mg = M / group_;
-    g.kH = kernel_[0], g.kW = kernel_[1], g.sH = strides_[0], g.sW = strides_[1];
-    g.dH = dilations_[0], g.dW = dilations_[1], g.pT = pads_[0], g.pL = pads_[1];
-    const int64_t nh = g.H + pads_[0] + pads_[2] - g.dH * (g.kH - 1) - 1;
-    const int64_t nw = g.W + pads_[1] + pads_[3] - g.dW * (g.kW - 1) - 1;
-    Check(nh >= 0 && nw >= 0, "empty output: input ", g.H, "x", g.W, " with pads ", ShapeStr(pads_),
-          " is smaller than the dilated kernel ", ShapeStr(kernel_));
+    g.M = M, g.group = a.group;
+    Check(g.C % a.group == 0, "input channels C=", g.C, " not divisible by group=", a.group);
+    Check(M % a.group == 0, "output channels M=", M, " not divisible by group=", a.group);
+    g.G = g.C / a.group, g.Mg = M / a.group;
+    g.kH = a.kernel[0], g.kW = a.kernel[1], g.sH = a.strides[0], g.sW = a.strides[1];
+    g.dH = a.dilations[0], g.dW = a.dilations[1];
+    g.pT = a.pads[0], g.pL = a.pads[1], g.pB = a.pads[2], g.pR = a.pads[3];
+    const int64_t nh = g.H + g.pT + g.pB - g.dH * (g.kH - 1) - 1;
+    const int64_t nw = g.W + g.pL + g.pR - g.dW * (g.kW - 1) - 1;
+    Check(nh >= 0 && nw >= 0, "empty output: input ", g.H, "x", g.W, " with pads ",
+          ShapeStr(a.pads), " is smaller than the dilated kernel ", ShapeStr(a.kernel));
     g.OH = nh / g.sH + 1, g.OW = nw / g.sW + 1;
     g.P = CheckedMul(g.OH, g.OW, "output size");
     g.R = CheckedMul(CheckedMul(g.G, g.kH, "weight row"), g.kW, "weight row");
     return g;
   }
 
+  // x with its dims in NCHW order, whatever its layout.
+  Tensor NchwView(const Tensor& x) const {
+    Tensor v = x;
+    if (nhwc_) v.shape = {x.shape[0], x.shape[3], x.shape[1], x.shape[2]};
+    return v;
+  }
+
   void Compute(Ort::KernelContext& ctx) const {
     const Tensor x = GetInput(ctx, 0, "X", kU8, 4);
     const int64_t M = GetInput(ctx, 1, "Codes", kU8, 2).shape[0];
-    // X's dimensions in NCHW order, whatever its layout.
-    Tensor xv = x;
-    if (nhwc_) xv.shape = {x.shape[0], x.shape[3], x.shape[1], x.shape[2]};
-    const Geom g = Geometry(xv, M);
+    const Geom g = Geometry(NchwView(x), M, conv_);
     Lut lut = GetLut(ctx, 1, 2, bits_, M, g.R);
     Affine af = GetAffine(ctx, 3, 4, M);
     const Shape yshape = nhwc_ ? Shape{g.N, g.OH, g.OW, M} : Shape{g.N, M, g.OH, g.OW};
@@ -219,14 +246,52 @@ struct LutConvT {
       y = GetOutputFloat(ctx, yshape);
       f.q = OptionalLevels(ctx, yshape, 6, "Q", "QScale", "QThresholds", &f.levels);
     }
-    const panels::Kind kind = panels::Choose(isa_, lut, group_, g.G, g.kH * g.kW);
+    const panels::Kind kind = panels::Choose(isa_, lut, conv_.group, g.G, g.kH * g.kW);
+    std::vector<float> shortcut;  // S, where it goes through memory
+    bool listed = false;
+    for (size_t i = kShortcut; i < kShortcut + 5; ++i) listed = listed || HasInput(ctx, i);
+    if (listed) {
+      for (size_t i = kShortcut; i < kShortcut + 4; ++i) {
+        Check(HasInput(ctx, i),
+              "ShortcutX, ShortcutCodes, ShortcutCodebook and ShortcutScale go together");
+      }
+      Check(!f.residual, "a node has a Residual or a shortcut, not both");
+      Check(shortcut_bits_ > 0, "the shortcut needs shortcut_bits");
+      const Tensor x2 = GetInput(ctx, kShortcut, "ShortcutX", kU8, 4);
+      const Geom g2 = Geometry(NchwView(x2), M, shortcut_);
+      const Shape sshape = nhwc_ ? Shape{g2.N, g2.OH, g2.OW, M} : Shape{g2.N, M, g2.OH, g2.OW};
+      Check(sshape == yshape, "the shortcut's output must have Y's shape ", ShapeStr(yshape),
+            ", got ", ShapeStr(sshape));
+      Lut lut2 = GetLut(ctx, kShortcut + 1, kShortcut + 2, shortcut_bits_, M, g2.R);
+      Affine af2 = GetAffine(ctx, kShortcut + 3, kShortcut + 4, M);
+      const panels::Kind kind2 = panels::Choose(isa_, lut2, 1, g2.G, 1);
+      if (nhwc_ && kind == panels::Kind::kInt8 && kind2 == panels::Kind::kInt8 && g2.C % 4 == 0) {
+        // The int8 kernel adds S tile by tile (its sums next to the node's own).
+        const auto packed2 = shortcut_cache_.Get(lut2, kind2, g2.G, 1, shortcut_constant_);
+        f.shortcut = {x2.as<uint8_t>(), packed2, af2, g2.C, g2.H, g2.W, g2.sH, g2.sW};
+      } else {
+        shortcut.resize(static_cast<size_t>(g.N * M * g.P));
+        Convolve(ctx, g2, x2, lut2, af2, panels::Fused{}, shortcut.data(), kind2, shortcut_cache_,
+                 shortcut_constant_);
+        f.residual = shortcut.data();
+      }
+    }
+    Convolve(ctx, g, x, lut, af, f, y, kind, cache_, constant_);
+  }
+
+  // The convolution g of x (in the node's layout) and epilogue f into y (nullptr for
+  // LutConvQuant) and f's levels, in the node's layout.
+  void Convolve(const Ort::KernelContext& ctx, const Geom& g, const Tensor& x, const Lut& lut,
+                const Affine& af, const panels::Fused& f, float* y, panels::Kind kind,
+                panels::Cache& cache, bool constant) const {
+    Tensor xv = NchwView(x);
     if (!nhwc_ || kind == panels::Kind::kInt8) {
-      Run(ctx, g, xv, lut, af, f, y, kind, nhwc_);
+      Run(ctx, g, xv, lut, af, f, y, kind, nhwc_, cache, constant);
       return;
     }
     // Channels last without a channels-last kernel (float codebooks, no AVX-512 VNNI): the
     // NCHW computation on transposed copies, its outputs transposed back.
-    const int64_t HW = g.H * g.W, P = g.P;
+    const int64_t HW = g.H * g.W, P = g.P, M = g.M;
     std::vector<uint8_t> xt(static_cast<size_t>(g.N * g.C * HW));
     ToNchw(x.as<uint8_t>(), g.N, HW, g.C, xt.data());
     xv.data = xt.data();
@@ -238,7 +303,7 @@ struct LutConvT {
     ft.residual = f.residual ? rt.data() : nullptr;
     ft.q = f.q ? qt.data() : nullptr;
     ft.q2 = f.q2 ? q2t.data() : nullptr;
-    Run(ctx, g, xv, lut, af, ft, y ? yt.data() : nullptr, kind, false);
+    Run(ctx, g, xv, lut, af, ft, y ? yt.data() : nullptr, kind, false, cache, constant);
     if (y) ToNhwc(yt.data(), g.N, P, M, y);
     if (f.q) ToNhwc(qt.data(), g.N, P, M, f.q);
     if (f.q2) ToNhwc(q2t.data(), g.N, P, M, f.q2);
@@ -265,13 +330,13 @@ struct LutConvT {
   // The convolution and epilogue f on x into y (nullptr for LutConvQuant) and f's levels, all
   // in NCHW, or channels last (only for kind kInt8).
   void Run(const Ort::KernelContext& ctx, const Geom& g, const Tensor& x, const Lut& lut,
-           const Affine& af, const panels::Fused& f, float* y, panels::Kind kind,
-           bool nhwc) const {
+           const Affine& af, const panels::Fused& f, float* y, panels::Kind kind, bool nhwc,
+           panels::Cache& cache, bool constant) const {
     const int64_t M = g.M;
     if (kind != panels::Kind::kNone) {
-      const auto packed = cache_.Get(lut, kind, g.G, g.kH * g.kW, constant_);
-      const panels::ConvShape s{g.N,  g.C,  g.H,  g.W,  M,        g.kH,     g.kW,     g.sH,   g.sW,
-                                g.dH, g.dW, g.pT, g.pL, pads_[2], pads_[3], g.OH, g.OW, nhwc};
+      const auto packed = cache.Get(lut, kind, g.G, g.kH * g.kW, constant);
+      const panels::ConvShape s{g.N,  g.C,  g.H,  g.W,  M,    g.kH, g.kW, g.sH, g.sW,
+                                g.dH, g.dW, g.pT, g.pL, g.pB, g.pR, g.OH, g.OW, nhwc};
       panels::Conv(ctx, s, x.as<uint8_t>(), *packed, lut, af, f, y, isa_);
       return;
     }
@@ -324,7 +389,7 @@ struct LutConvT {
     }
     // Zero-padded float planes [N, C, Hp, Wp], with slack after the last one for the reads of
     // the shifted planes (and the GEMM's padded columns) past its end.
-    const int64_t Hp = g.H + pads_[0] + pads_[2], Wp = g.W + pads_[1] + pads_[3];
+    const int64_t Hp = g.H + g.pT + g.pB, Wp = g.W + g.pL + g.pR;
     const int64_t plane = CheckedMul(Hp, Wp, "padded plane");
     const int64_t slack = 2 * gemm::kColAlign;
     float* xp = ThreadScratch<kConvInput>(CheckedMul(g.N * g.C, plane, "padded input") + slack);
@@ -489,12 +554,12 @@ struct LutConvT {
   }
 
   Isa isa_;
-  int64_t bits_, group_;
-  Shape kernel_, strides_, pads_, dilations_;
+  int64_t bits_, shortcut_bits_;
+  ConvAttrs conv_, shortcut_;  // the node's convolution and its 1x1 shortcut's
   bool relu_ = false;
   bool nhwc_ = false;  // channels_last
-  bool constant_ = false;
-  mutable panels::Cache cache_;
+  bool constant_ = false, shortcut_constant_ = false;
+  mutable panels::Cache cache_, shortcut_cache_;
   mutable panels::LevelCache level_cache_[2];  // LutConvQuant: Q's and Q2's
 };
 

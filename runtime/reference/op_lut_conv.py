@@ -57,10 +57,14 @@ def lut_conv(
     group,
     relu,
     channels_last=0,
+    shortcut: Sequence[object] = (None,) * 5,
+    shortcut_bits=0,
+    shortcut_strides=(1, 1),
 ) -> np.ndarray:
     """LutConv's output Y (float32 ``[N, M, OH, OW]``, ``[N, OH, OW, M]`` with channels_last),
     validated; ``op`` names the caller in errors (LutConvQuant computes its float tensor here
-    too)."""
+    too). ``shortcut``: ShortcutX, ShortcutCodes, ShortcutCodebook, ShortcutScale, ShortcutBias
+    (all None: no shortcut), whose 1x1 convolution takes Residual's place."""
     bits = check_bits(op, bits)
     kh, kw = check_ints(op, "kernel_shape", kernel_shape, 2, 1)
     strides = check_ints(op, "strides", strides, 2, 1)
@@ -97,6 +101,26 @@ def lut_conv(
             )
         if last:
             Residual = Residual.transpose(0, 3, 1, 2)
+
+    if any(v is not None for v in shortcut):
+        if any(v is None for v in shortcut[:4]):
+            raise ValueError(
+                f"{op}: ShortcutX, ShortcutCodes, ShortcutCodebook and ShortcutScale go together"
+            )
+        if Residual is not None:
+            raise ValueError(f"{op}: a node has a Residual or a shortcut, not both")
+        if check_int(op, "shortcut_bits", shortcut_bits, 0) == 0:
+            raise ValueError(f"{op}: the shortcut needs shortcut_bits")
+        attrs = dict(bits=shortcut_bits, kernel_shape=[1, 1], strides=shortcut_strides)
+        attrs.update(pads=[0] * 4, dilations=[1, 1], group=1, relu=0, channels_last=int(last))
+        s = lut_conv(f"{op} shortcut", *shortcut, None, **attrs)
+        shape = (n, oh, ow, m) if last else (n, m, oh, ow)
+        if s.shape != shape:
+            got = list(s.shape)
+            raise ValueError(
+                f"{op}: the shortcut's output must have Y's shape {list(shape)}, got {got}"
+            )
+        Residual = s.transpose(0, 3, 1, 2) if last else s
 
     xp = np.pad(X, ((0, 0), (0, 0), (top, bottom), (left, right))).astype(np.float64)
     cols = _im2col(xp, (kh, kw), strides, dilations, (oh, ow))
@@ -140,6 +164,11 @@ class LutConv(OpRun):
         Residual=None,
         QScale=None,
         QThresholds=None,
+        ShortcutX=None,
+        ShortcutCodes=None,
+        ShortcutCodebook=None,
+        ShortcutScale=None,
+        ShortcutBias=None,
         bits=_DEFAULTS["bits"],
         kernel_shape=_DEFAULTS["kernel_shape"],
         strides=_DEFAULTS["strides"],
@@ -148,6 +177,8 @@ class LutConv(OpRun):
         group=_DEFAULTS["group"],
         relu=_DEFAULTS["relu"],
         channels_last=_DEFAULTS["channels_last"],
+        shortcut_bits=_DEFAULTS["shortcut_bits"],
+        shortcut_strides=_DEFAULTS["shortcut_strides"],
     ):
         op = "LutConv"
         quant = None
@@ -155,5 +186,7 @@ class LutConv(OpRun):
             quant = check_quant_params(op, QScale, QThresholds, ("QScale", "QThresholds"))
         attrs = dict(bits=bits, kernel_shape=kernel_shape, strides=strides, pads=pads)
         attrs.update(dilations=dilations, group=group, relu=relu, channels_last=channels_last)
-        y = lut_conv(op, X, Codes, Codebook, Scale, Bias, Residual, **attrs)
+        attrs.update(shortcut_bits=shortcut_bits, shortcut_strides=shortcut_strides)
+        shortcut = (ShortcutX, ShortcutCodes, ShortcutCodebook, ShortcutScale, ShortcutBias)
+        y = lut_conv(op, X, Codes, Codebook, Scale, Bias, Residual, shortcut=shortcut, **attrs)
         return (y,) if quant is None else (y, quantize(y, *quant))

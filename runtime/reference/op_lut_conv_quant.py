@@ -30,6 +30,11 @@ class LutConvQuant(OpRun):
         QThresholds,
         QScale2=None,
         QThresholds2=None,
+        ShortcutX=None,
+        ShortcutCodes=None,
+        ShortcutCodebook=None,
+        ShortcutScale=None,
+        ShortcutBias=None,
         bits=_DEFAULTS["bits"],
         kernel_shape=_DEFAULTS["kernel_shape"],
         strides=_DEFAULTS["strides"],
@@ -38,6 +43,8 @@ class LutConvQuant(OpRun):
         group=_DEFAULTS["group"],
         relu=_DEFAULTS["relu"],
         channels_last=_DEFAULTS["channels_last"],
+        shortcut_bits=_DEFAULTS["shortcut_bits"],
+        shortcut_strides=_DEFAULTS["shortcut_strides"],
     ):
         op = "LutConvQuant"
         qscale, thr = check_quant_params(op, QScale, QThresholds, ("QScale", "QThresholds"))
@@ -47,6 +54,8 @@ class LutConvQuant(OpRun):
             second = check_quant_params(op, QScale2, QThresholds2, names)
         attrs = dict(bits=bits, kernel_shape=kernel_shape, strides=strides, pads=pads)
         attrs.update(dilations=dilations, group=group, relu=relu, channels_last=channels_last)
-        y = lut_conv(op, X, Codes, Codebook, Scale, Bias, Residual, **attrs)
+        attrs.update(shortcut_bits=shortcut_bits, shortcut_strides=shortcut_strides)
+        shortcut = (ShortcutX, ShortcutCodes, ShortcutCodebook, ShortcutScale, ShortcutBias)
+        y = lut_conv(op, X, Codes, Codebook, Scale, Bias, Residual, shortcut=shortcut, **attrs)
         q = quantize(y, qscale, thr)
         return (q,) if second is None else (q, quantize(y, *second))
