@@ -328,6 +328,78 @@ def fuse_lut_conv(model: onnx.ModelProto, domain: str) -> Fusions:
 _CONVS = ("LutConv", "LutConvQuant")
 
 
+def _ints_attr(node: onnx.NodeProto, name: str, default: list[int]) -> list[int]:
+    values = [list(helper.get_attribute_value(a)) for a in node.attribute if a.name == name]
+    return values[0] if values else default
+
+
+def _shortcut_index(node: onnx.NodeProto) -> int:
+    """Where a LutConv's (8) or LutConvQuant's (10) shortcut inputs start."""
+    return 10 if node.op_type == "LutConvQuant" else 8
+
+
+def _is_shortcut_conv(node: onnx.NodeProto, domain: str) -> bool:
+    """A 1x1 LutConv / LutConvQuant without padding, dilation, groups or a shortcut of its own,
+    with a Residual: what fuse_shortcut folds into the Residual's producer."""
+    return (
+        node.domain == domain
+        and node.op_type in _CONVS
+        and _ints_attr(node, "kernel_shape", []) == [1, 1]
+        and not any(_ints_attr(node, "pads", [0] * 4))
+        and _ints_attr(node, "dilations", [1, 1]) == [1, 1]
+        and _int_attr(node, "group", 1) == 1
+        and len(node.input) > 5
+        and node.input[5] != ""
+        and not any(node.input[_shortcut_index(node) :])
+    )
+
+
+def fuse_shortcut(graph: onnx.GraphProto, domain: str) -> int:
+    """Fold each downsampling shortcut into the convolution whose output it adds: a 1x1
+    LutConv(Quant) B whose Residual is the float output of a LutConv A (no epilogue of its own,
+    read by B alone) becomes A with B's convolution as its shortcut inputs and B's epilogue and
+    outputs, so A's float tensor is never written (docs/onnx-ops.md, Shortcut). Returns the
+    number of shortcuts folded."""
+    outputs = {o.name for o in graph.output}
+    fused = 0
+    for b in [n for n in graph.node if _is_shortcut_conv(n, domain)]:
+        r = b.input[5]
+        producers = [n for n in graph.node if r in n.output]
+        a = producers[0] if producers else None
+        if (
+            a is None
+            or not _is(a, "LutConv", (domain,))
+            or list(a.output) != [r]
+            or any(a.input[5:])
+            or _int_attr(a, "relu", 0)
+            or _int_attr(a, "channels_last", 0) != _int_attr(b, "channels_last", 0)
+            or r in outputs
+            or consumers(graph, r) != [b]
+            or list(b.input).count(r) != 1
+        ):
+            continue
+        k = _shortcut_index(b)
+        head = list(a.input[:5]) + [""] * (5 - len(a.input[:5]))
+        quant = list(b.input[6:k]) + [""] * (k - max(6, len(b.input[:k])))
+        tail = list(b.input[:5]) + [""] * (5 - len(b.input[:5]))
+        a.op_type = b.op_type
+        a.input[:] = [*head, "", *quant, *tail]
+        while a.input and a.input[-1] == "":
+            del a.input[-1]
+        _set_int_attr(a, "relu", _int_attr(b, "relu", 0))
+        _set_int_attr(a, "shortcut_bits", _int_attr(b, "bits", 0))
+        strides = _ints_attr(b, "strides", [1, 1])
+        for old in [x for x in a.attribute if x.name == "shortcut_strides"]:
+            a.attribute.remove(old)
+        a.attribute.append(helper.make_attribute("shortcut_strides", strides))
+        a.output[:] = list(b.output)
+        graph.node.remove(b)
+        fused += 1
+    if fused:
+        topological_sort(graph)
+    return fused
+
+
 def _mean_over_positions(graph: onnx.GraphProto, gap: onnx.NodeProto, x: str) -> onnx.NodeProto:
     """Make GlobalAveragePool node ``gap`` a ReduceMean over axes 1, 2 of the NHWC tensor x (a
     Transpose of the whole tensor back to NCHW cost 2 ms at batch 32 on ResNet-18's last layer);
@@ -385,7 +457,8 @@ def to_channels_last(graph: onnx.GraphProto, domain: str) -> int:
     entering: dict[str, str] = {}
     for i in sorted(inside):
         n = nodes[i]
-        for k in (0, 5) if n.op_type in _CONVS else (0,):  # X, Residual
+        # X, Residual and ShortcutX
+        for k in (0, 5, _shortcut_index(n)) if n.op_type in _CONVS else (0,):
             name = n.input[k] if k < len(n.input) else ""
             if name and name not in produced:
                 if name not in entering:

@@ -17,7 +17,10 @@ integers c) and stored as the integers c, s_w folded into the layer's scale: the
 file size, and LutConv runs its exact int8 x uint8 kernel (AVX-512 VNNI) on such codebooks.
 That kernel reads and writes channels-last tensors without transposes, so these models run
 their convolutions with channels_last = 1 (exporters.graph.to_channels_last): NHWC between
-them, a Transpose where the activations enter (after the float first layer) and leave.
+them, a Transpose where the activations enter (after the float first layer) and leave. Each
+downsampling shortcut is folded into the convolution whose output it adds
+(exporters.graph.fuse_shortcut): the kernel adds its 1x1 sums tile by tile, and the float
+tensor between the two is never written.
 """
 
 from __future__ import annotations
@@ -32,7 +35,13 @@ from onnx import helper
 from runtime.packing import pack_rows
 
 from .fold import FoldedLayer, FoldedModel
-from .graph import drop_relu_before_thresholds, fold_constants, fuse_lut_conv, to_channels_last
+from .graph import (
+    drop_relu_before_thresholds,
+    fold_constants,
+    fuse_lut_conv,
+    fuse_shortcut,
+    to_channels_last,
+)
 from .skeleton import DOMAIN
 from .write_int8 import snapped, snapping_report
 from .writer import affine_nodes, init, replace_placeholders, set_metadata, set_opsets
@@ -119,7 +128,9 @@ def write_adq(folded: FoldedModel, int_codebooks: bool = False) -> onnx.ModelPro
     fused = fuse_lut_conv(model, DOMAIN)
     log.debug("adq: %d constant nodes folded; fusion: %s", constants, fused)
     if int_codebooks:
-        to_channels_last(model.graph, DOMAIN)
+        shortcuts = fuse_shortcut(model.graph, DOMAIN)
+        layers = to_channels_last(model.graph, DOMAIN)
+        log.debug("adq: %d shortcuts fused, %d layers channels-last", shortcuts, layers)
     extra: dict = {"code_packing": "row-aligned, LSB-first bit stream"}
     if int_codebooks:
         extra.update(int_codebooks="true", snapping=snapping_report(folded))

@@ -18,6 +18,7 @@ from exporters.graph import (
     drop_relu_before_thresholds,
     fold_constants,
     fuse_lut_conv,
+    fuse_shortcut,
     known_shapes,
     to_channels_last,
 )
@@ -574,3 +575,51 @@ def test_channels_last_without_convolutions_changes_nothing():
     after = copy.deepcopy(model)
     assert to_channels_last(after.graph, DOMAIN) == 0
     assert after == model
+
+
+def test_shortcut_folds_into_the_convolution_it_adds_to():
+    """fuse_shortcut: a 1x1 LutConv whose Residual is another LutConv's float output (read by it
+    alone) becomes that LutConv's shortcut, with the 1x1 node's relu, levels and outputs: the
+    same outputs, bit for bit; a second reader of the float output prevents it."""
+    rng = np.random.default_rng(4)
+    codes1 = pack_rows(rng.integers(0, 4, size=(M, C)), 2)
+    down = oh.make_node(
+        "LutConv",
+        ["x2", "codes1", "book", "scale", "", "y", "s", "t"],
+        ["z", "zq"],
+        domain=DOMAIN,
+        bits=2,
+        kernel_shape=[1, 1],
+        strides=[2, 2],
+        relu=1,
+    )
+    outs = [("z", TensorProto.FLOAT, Y_SHAPE), ("zq", TensorProto.UINT8, Y_SHAPE)]
+    for extra_reader in (False, True):
+        tail = [down] + ([oh.make_node("Relu", ["y"], ["r"])] if extra_reader else [])
+        extra = [("r", TensorProto.FLOAT, Y_SHAPE)] if extra_reader else []
+        model = lut_conv_model(tail, outputs=outs + extra)
+        model.graph.initializer.append(numpy_helper.from_array(codes1, "codes1"))
+        model.graph.input.append(
+            oh.make_tensor_value_info("x2", TensorProto.UINT8, [N, C, 2 * H - 1, 2 * H])
+        )
+        after = copy.deepcopy(model)
+        assert fuse_shortcut(after.graph, DOMAIN) == (0 if extra_reader else 1)
+        if extra_reader:
+            assert after == model
+            continue
+        register_onnx_schemas()
+        onnx.checker.check_model(after, full_check=True)
+        (node,) = after.graph.node
+        assert node.op_type == "LutConv" and list(node.output) == ["z", "zq"]
+        assert list(node.input) == ["x", "codes", "book", "scale", "bias", "", "s", "t"] + [
+            "x2",
+            "codes1",
+            "book",
+            "scale",
+        ]
+        attrs = {a.name: oh.get_attribute_value(a) for a in node.attribute}
+        assert attrs["relu"] == 1 and attrs["shortcut_bits"] == 2
+        assert list(attrs["shortcut_strides"]) == [2, 2]
+        x = feeds(model)
+        x["x2"] = np.random.default_rng(7).integers(0, 4, (2, C, 2 * H - 1, 2 * H)).astype(np.uint8)
+        assert_same(run_reference(model, x), run_reference(after, x))
