@@ -13,6 +13,9 @@
 //  - channel groups of at most two output channels (depthwise): a direct convolution over the
 //    padded planes (one long axpy per tap for stride 1).
 // The GEMM is the blocked AVX-512 / AVX2 / portable one of gemm.cc.
+// channels_last = 1 (NHWC activations) runs natively only on the int8 panel kernel; the other
+// paths compute on NCHW copies. A node's 1x1 shortcut (ShortcutX, ...) is added by that kernel
+// tile by tile, and elsewhere computed into a buffer that serves as the Residual.
 
 
 #include <algorithm>
