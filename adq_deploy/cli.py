@@ -268,6 +268,12 @@ def eval_main(
     "VNNI). Same file size; the snapping is the only change in the numbers.",
 )
 @click.option(
+    "--nchw",
+    is_flag=True,
+    help="With --int-codebooks: keep the activations NCHW and the shortcuts as their own nodes "
+    "(for CPUs without AVX-512 VNNI, where the channels-last graph runs through copies).",
+)
+@click.option(
     "--allow-import",
     is_flag=True,
     help="Trust a 'module:factory' architecture named in the checkpoint and import it.",
@@ -280,6 +286,7 @@ def export_main(
     opset: int | None,
     no_simplify: bool,
     int_codebooks: bool,
+    nchw: bool,
     allow_import: bool,
 ) -> None:
     """Fold CHECKPOINT into lookup-table weights and integer activations and write ONNX."""
@@ -293,6 +300,7 @@ def export_main(
         simplify_graph=not no_simplify,
         allow_import=allow_import,
         int_codebooks=int_codebooks,
+        nchw=nchw,
     )
     click.echo(result.summary())
 

@@ -134,13 +134,17 @@ def _check_writable(path: Path) -> None:
         raise ValueError(f"cannot write {path}: not a writable file location")
 
 
-def check_format(fmt: str, opset: int | None, int_codebooks: bool = False) -> None:
-    """Reject an unknown format, --opset with adq / int8, too old an opset for standard, or
-    --int-codebooks with another format than adq."""
+def check_format(
+    fmt: str, opset: int | None, int_codebooks: bool = False, nchw: bool = False
+) -> None:
+    """Reject an unknown format, --opset with adq / int8, too old an opset for standard,
+    --int-codebooks with another format than adq, or --nchw without --int-codebooks."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
     if int_codebooks and fmt != "adq":
         raise ValueError("--int-codebooks applies to the adq format only")
+    if nchw and not int_codebooks:
+        raise ValueError("--nchw applies to --int-codebooks only (the other graphs are NCHW)")
     if opset is not None and fmt != "standard":
         raise ValueError("--opset applies to the standard format only")
     if opset is not None and opset < MIN_OPSET:
@@ -150,12 +154,16 @@ def check_format(fmt: str, opset: int | None, int_codebooks: bool = False) -> No
 
 
 def build_model(
-    folded: FoldedModel, fmt: str, opset: int | None = None, int_codebooks: bool = False
+    folded: FoldedModel,
+    fmt: str,
+    opset: int | None = None,
+    int_codebooks: bool = False,
+    nchw: bool = False,
 ) -> onnx.ModelProto:
     """Run the writer of a format on the folded model."""
-    check_format(fmt, opset, int_codebooks)
+    check_format(fmt, opset, int_codebooks, nchw)
     if fmt == "adq":
-        return write_adq(folded, int_codebooks)
+        return write_adq(folded, int_codebooks, channels_last=not nchw)
     if fmt == "standard":
         return write_standard(folded, DEFAULT_OPSET if opset is None else opset)
     return write_int8(folded)
@@ -169,16 +177,17 @@ def export(
     simplify_graph: bool = True,
     allow_import: bool = False,
     int_codebooks: bool = False,
+    nchw: bool = False,
 ) -> ExportResult:
     """The whole adq-export: returns what was written."""
-    check_format(fmt, opset, int_codebooks)  # before loading: fail fast
+    check_format(fmt, opset, int_codebooks, nchw)  # before loading: fail fast
     start = time.perf_counter()
     checkpoint = Path(checkpoint)
     out = Path(out) if out else checkpoint.with_suffix(f".{fmt}.onnx")
     _check_writable(out)
     ck = load_checkpoint(checkpoint, allow_import=allow_import)
     folded = fold(ck)
-    model = build_model(folded, fmt, opset, int_codebooks)
+    model = build_model(folded, fmt, opset, int_codebooks, nchw)
     if simplify_graph and fmt != "adq":
         model = simplify(model)
         compact_names(model)  # onnxsim adds value_info back

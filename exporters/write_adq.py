@@ -119,15 +119,18 @@ def emit_adq(
     return [tq, lut]
 
 
-def write_adq(folded: FoldedModel, int_codebooks: bool = False) -> onnx.ModelProto:
-    """The adq-format model of a folded checkpoint (see the module docstring for int_codebooks)."""
+def write_adq(
+    folded: FoldedModel, int_codebooks: bool = False, channels_last: bool = True
+) -> onnx.ModelProto:
+    """The adq-format model of a folded checkpoint (see the module docstring for int_codebooks;
+    channels_last=False keeps such a model NCHW, without the fused shortcuts)."""
     model = replace_placeholders(folded, partial(emit_adq, int_codebooks=int_codebooks))
     drop_relu_before_thresholds(model.graph, DOMAIN)
     set_opsets(model, OPSET, adq_domain=True)  # shape inference in the fusion reads the opsets
     constants = fold_constants(model)  # what onnxsim does for the other formats
     fused = fuse_lut_conv(model, DOMAIN)
     log.debug("adq: %d constant nodes folded; fusion: %s", constants, fused)
-    if int_codebooks:
+    if int_codebooks and channels_last:
         shortcuts = fuse_shortcut(model.graph, DOMAIN)
         layers = to_channels_last(model.graph, DOMAIN)
         log.debug("adq: %d shortcuts fused, %d layers channels-last", shortcuts, layers)

@@ -274,11 +274,11 @@ def loaded(name: str) -> tuple[Checkpoint, FoldedModel]:
 
 @functools.cache
 def onnx_model(
-    name: str, fmt: str, opset: int | None = None, int_codebooks: bool = False
+    name: str, fmt: str, opset: int | None = None, int_codebooks: bool = False, nchw: bool = False
 ) -> onnx.ModelProto:
     """What export() builds for a case (simplified for standard and int8), not written."""
     _, folded = loaded(name)
-    model = build_model(folded, fmt, opset, int_codebooks)
+    model = build_model(folded, fmt, opset, int_codebooks, nchw)
     if fmt != "adq":
         model = simplify(model)
         compact_names(model)

@@ -348,11 +348,26 @@ def test_cli_refuses_int_codebooks_with_another_format(fmt, tmp_path):
 
 def test_cli_int_codebooks(factory_checkpoint, tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT))  # the factory 'tests.export_helpers' is importable
-    out = tmp_path / "m.onnx"
-    result = invoke([factory_checkpoint, "--allow-import", "-o", out, "--int-codebooks"])
-    assert result.exit_code == 0, (result.output, result.exception)
-    meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
-    assert meta["adq.format"] == "adq" and meta["adq.int_codebooks"] == "true"
+    for nchw in (False, True):
+        out = tmp_path / "m.onnx"
+        args = [factory_checkpoint, "--allow-import", "-o", out, "--int-codebooks"]
+        result = invoke(args + (["--nchw"] if nchw else []))
+        assert result.exit_code == 0, (result.output, result.exception)
+        model = onnx.load(str(out))
+        meta = {p.key: p.value for p in model.metadata_props}
+        assert meta["adq.format"] == "adq" and meta["adq.int_codebooks"] == "true"
+        convs = [n for n in model.graph.node if n.op_type in ("LutConv", "LutConvQuant")]
+        last = [
+            a.i for n in convs for a in n.attribute if a.name == "channels_last"
+        ]  # every convolution channels last, or none
+        assert convs and last == ([] if nchw else [1] * len(convs))
+        assert any(n.op_type == "Transpose" for n in model.graph.node) != nchw
+
+
+def test_cli_refuses_nchw_without_int_codebooks(tmp_path):
+    args = [checkpoint_path("test_model"), "-o", tmp_path / "m.onnx", "--nchw"]
+    assert_one_error_line(invoke(args), "--nchw applies to --int-codebooks only")
+    assert not (tmp_path / "m.onnx").exists()
 
 
 @pytest.mark.parametrize("simplify", [True, False])

@@ -818,14 +818,16 @@ def test_lut_conv_pixel_lane_tiles_in_batch_chunks(so2):
 
 
 @pytest.mark.parametrize(
-    "name, int_codebooks",
-    [(n, False) for n in MODEL_CASES] + [("resnet18", True), ("resnet20", True)],
+    "name, int_codebooks, nchw",
+    [(n, False, False) for n in MODEL_CASES]
+    + [("resnet18", True, False), ("resnet20", True, False), ("resnet18", True, True)],
 )
-def test_exported_models_run_like_the_reference(so2, name, int_codebooks):
+def test_exported_models_run_like_the_reference(so2, name, int_codebooks, nchw):
     """Whole exported adq graphs through the op library (every fusion the writer makes: residual
-    and relu epilogues, levels outputs Q and Q2, integer codebooks) give the NumPy reference
-    evaluator's logits, on inputs away from activation thresholds."""
-    model = onnx_model(name, "adq", int_codebooks=int_codebooks)
+    and relu epilogues, levels outputs Q and Q2, integer codebooks with channels-last
+    convolutions and fused shortcuts, or NCHW) give the NumPy reference evaluator's logits, on
+    inputs away from activation thresholds."""
+    model = onnx_model(name, "adq", int_codebooks=int_codebooks, nchw=nchw)
     x = case_input(name, batch=3, seed=7)
     ref = run_onnx(model, x)
     sess = ort.InferenceSession(model.SerializeToString(), so2, providers=["CPUExecutionProvider"])
