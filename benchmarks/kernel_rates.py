@@ -3,11 +3,11 @@
 First the machine: the best of onnxruntime's MatMul (MLAS SGEMM) and torch.matmul on fp32
 [1024 x 1024] x [1024 x 1024], and onnxruntime's MatMulInteger (MLAS u8 x s8 GEMM, VNNI where
 the CPU has it) on the same shape in uint8 / int8. Then, per layer shape, LutConv's float path
-(a float codebook), its int8 path (an integer codebook), LutGemm, and onnxruntime's fp32 Conv /
-Gemm on the same weights: GMAC/s (multiply-adds per second, best of `--repeat`) and the share
-of the machine's fp32 and int8 GEMM rates. The LutConv graph holds packed codes, a codebook,
-Scale and Bias as initializers and takes uint8 levels; the baseline holds the decoded fp32
-weights and takes the same levels as float.
+(a float codebook), its int8 path (an integer codebook; NCHW and channels last), LutGemm, and
+onnxruntime's fp32 Conv / Gemm on the same weights: GMAC/s (multiply-adds per second, best of
+`--repeat`) and the share of the machine's fp32 and int8 GEMM rates. The LutConv graph holds
+packed codes, a codebook, Scale and Bias as initializers and takes uint8 levels; the baseline
+holds the decoded fp32 weights and takes the same levels as float.
 
     .venv/bin/python benchmarks/kernel_rates.py --threads 1 2 --repeat 20
 """
@@ -127,7 +127,7 @@ def machine_rates(threads, repeat):
     return rates
 
 
-def bench_conv(shape, bits, threads, repeat, rng, rates, integer=False):
+def bench_conv(shape, bits, threads, repeat, rng, rates, integer=False, nhwc=False):
     name, n, c, h, w, m, k, s, g = shape
     pad = k // 2
     r = (c // g) * k * k
@@ -138,9 +138,20 @@ def bench_conv(shape, bits, threads, repeat, rng, rates, integer=False):
     x = rng.integers(0, 16, size=(n, c, h, w), dtype=np.uint8)
     attrs = dict(kernel_shape=[k, k], strides=[s, s], pads=[pad] * 4, group=g)
     T = onnx.TensorProto
+    xa = np.ascontiguousarray(x.transpose(0, 2, 3, 1)) if nhwc else x
     adq = _model(
-        [oh.make_node("LutConv", LUT_INPUTS, ["Y"], domain=DOMAIN, bits=bits, **attrs)],
-        [oh.make_tensor_value_info("X", T.UINT8, list(x.shape))],
+        [
+            oh.make_node(
+                "LutConv",
+                LUT_INPUTS,
+                ["Y"],
+                domain=DOMAIN,
+                bits=bits,
+                channels_last=int(nhwc),
+                **attrs,
+            )
+        ],
+        [oh.make_tensor_value_info("X", T.UINT8, list(xa.shape))],
         [oh.make_tensor_value_info("Y", T.FLOAT, None)],
         _lut_inits(codes, codebook, scale, bias, bits),
         adq=True,
@@ -158,9 +169,9 @@ def bench_conv(shape, bits, threads, repeat, rng, rates, integer=False):
     )
     oh_ = (h + 2 * pad - k) // s + 1
     macs = float(n) * m * oh_ * oh_ * r
-    label = f"LutConv {'int8' if integer else 'float'}: {name}"
+    label = f"LutConv {'int8' if integer else 'float'}{' NHWC' if nhwc else ''}: {name}"
     return _compare(
-        label, adq, {"X": x}, fp32, {"X": x.astype(np.float32)}, macs, threads, repeat, rates
+        label, adq, {"X": xa}, fp32, {"X": x.astype(np.float32)}, macs, threads, repeat, rates, nhwc
     )
 
 
@@ -196,13 +207,15 @@ def bench_gemm(shape, bits, threads, repeat, rng, rates):
     )
 
 
-def _compare(name, adq, adq_feeds, fp32, fp32_feeds, macs, threads, repeat, rates):
+def _compare(name, adq, adq_feeds, fp32, fp32_feeds, macs, threads, repeat, rates, nhwc=False):
     so_adq = session_options(num_threads=threads)
     so_fp = ort.SessionOptions()
     so_fp.intra_op_num_threads = threads
     s_adq = ort.InferenceSession(adq, so_adq, providers=["CPUExecutionProvider"])
     s_fp = ort.InferenceSession(fp32, so_fp, providers=["CPUExecutionProvider"])
     y_adq = s_adq.run(None, adq_feeds)[0]
+    if nhwc:  # compared in NCHW
+        y_adq = y_adq.transpose(0, 3, 1, 2)
     y_fp = s_fp.run(None, fp32_feeds)[0]
     err = float(np.abs(y_adq - y_fp).max() / max(1.0, np.abs(y_fp).max()))
     a_best, _ = _time(s_adq, adq_feeds, repeat)
@@ -243,6 +256,9 @@ def main():
                 bench_conv(shape, args.bits, threads, args.repeat, rng, rates)
                 if shape[8] == 1:
                     bench_conv(shape, args.bits, threads, args.repeat, rng, rates, integer=True)
+                    bench_conv(
+                        shape, args.bits, threads, args.repeat, rng, rates, integer=True, nhwc=True
+                    )
         for shape in GEMM_SHAPES:
             if args.only in shape[0]:
                 bench_gemm(shape, args.bits, threads, args.repeat, rng, rates)
