@@ -965,6 +965,8 @@ def test_other_isa_paths_match_reference(isa, library, monkeypatch):
     last = [_channels_last(c) for c in fused_cases(seed=20, count=40, quant=True)]
     check_levels(so, last)
     check_cases(so, "LutConv", [(without_levels(i), a) for i, a in last])
+    shortcut = shortcut_cases(seed=21, count=30)
+    check_cases(so, "LutConv", shortcut[:15] + [_channels_last(c) for c in shortcut[15:]])
     check_cases(so, "LutGemm", gemm_cases(seed=12, count=100))
     check_cases(so, "LutDequant", dequant_cases(seed=13, count=60), exact=True)
     check_cases(so, "ThresholdQuant", threshold_cases(seed=14, count=60), exact=True)
