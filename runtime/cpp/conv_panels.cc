@@ -1158,7 +1158,7 @@ void Conv(const Ort::KernelContext& ctx, const ConvShape& s, const uint8_t* x, c
     for (int64_t ph = 0; ph < s.sH; ++ph) {
       const int64_t ih = a * s.sH + ph - s.pT;
       const bool inside = ih >= 0 && ih < s.H;
-      const uint8_t* row = x + (n * s.H + ih) * s.W * s.C;
+      const uint8_t* row = inside ? x + (n * s.H + ih) * s.W * s.C : nullptr;
       for (int64_t pw = 0; pw < s.sW; ++pw) {
         if (!used[ph * s.sW + pw]) continue;
         uint8_t* d = image + ((ph * s.sW + pw) * PQ + a * Wq) * Cb;
