@@ -551,13 +551,6 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi"))) void 
 }
 
 using TileLevelsFn = void (*)(const TileArgs&, const LevelOut&);
-template <int NB, size_t... Q>
-constexpr std::array<TileLevelsFn, sizeof...(Q)> TilesIntLevels(std::index_sequence<Q...>) {
-  return {&TileIntLevels<NB, static_cast<int>(Q) + 1>...};
-}
-constexpr std::array<TileLevelsFn, kMaxQInt> kTilesIntLevels[2] = {
-    TilesIntLevels<1>(std::make_index_sequence<kMaxQInt>{}),
-    TilesIntLevels<2>(std::make_index_sequence<kMaxQInt>{})};
 
 // An epilogue as an index into the tables of store instances <RES, RELU, FLOATS, QUANT>.
 inline int EpilogueIndex(const Fused& f, bool floats) {
@@ -598,10 +591,6 @@ __attribute__((target("avx512f"))) void AddTile(float* t, const float* u, int64_
   }
 }
 
-template <size_t... I>
-constexpr std::array<StoreFn, sizeof...(I)> StoresNhwc(std::index_sequence<I...>) {
-  return {&StoreTileNhwc<(I & 8) != 0, (I & 4) != 0, (I & 2) != 0, (I & 1) != 0>...};
-}
 
 // TileInt's levels-only form for channels last: each vector's levels, counted on its int32 sums
 // against the integer thresholds, are the 16 bytes of one output's channels (o.P: M).
@@ -632,22 +621,33 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void TileIntLeve
   }
 }
 
-template <int NB, size_t... Q>
-constexpr std::array<TileLevelsFn, sizeof...(Q)> TilesIntLevelsNhwc(std::index_sequence<Q...>) {
-  return {&TileIntLevelsNhwc<NB, static_cast<int>(Q) + 1>...};
+// The levels-only int8 tiles, indexed as kTilesInt: [channels last][blocks - 1][outputs - 1].
+template <int NB, bool NHWC, size_t... Q>
+constexpr std::array<TileLevelsFn, sizeof...(Q)> TilesIntLevels(std::index_sequence<Q...>) {
+  if constexpr (NHWC) {
+    return {&TileIntLevelsNhwc<NB, static_cast<int>(Q) + 1>...};
+  } else {
+    return {&TileIntLevels<NB, static_cast<int>(Q) + 1>...};
+  }
 }
-constexpr std::array<TileLevelsFn, kMaxQInt> kTilesIntLevelsNhwc[2] = {
-    TilesIntLevelsNhwc<1>(std::make_index_sequence<kMaxQInt>{}),
-    TilesIntLevelsNhwc<2>(std::make_index_sequence<kMaxQInt>{})};
+constexpr std::array<TileLevelsFn, kMaxQInt> kTilesIntLevels[2][2] = {
+    {TilesIntLevels<1, false>(std::make_index_sequence<kMaxQInt>{}),
+     TilesIntLevels<2, false>(std::make_index_sequence<kMaxQInt>{})},
+    {TilesIntLevels<1, true>(std::make_index_sequence<kMaxQInt>{}),
+     TilesIntLevels<2, true>(std::make_index_sequence<kMaxQInt>{})}};
 
-// The StoreTile for an epilogue (writing floats, levels or both).
-template <size_t... I>
+// The StoreTile (channels last: StoreTileNhwc) for an epilogue (writing floats, levels or both).
+template <bool NHWC, size_t... I>
 constexpr std::array<StoreFn, sizeof...(I)> Stores(std::index_sequence<I...>) {
-  return {&StoreTile<(I & 8) != 0, (I & 4) != 0, (I & 2) != 0, (I & 1) != 0>...};
+  if constexpr (NHWC) {
+    return {&StoreTileNhwc<(I & 8) != 0, (I & 4) != 0, (I & 2) != 0, (I & 1) != 0>...};
+  } else {
+    return {&StoreTile<(I & 8) != 0, (I & 4) != 0, (I & 2) != 0, (I & 1) != 0>...};
+  }
 }
 StoreFn ChooseStore(const Fused& f, bool floats, bool nhwc) {
-  static constexpr auto kStores = Stores(std::make_index_sequence<16>{});
-  static constexpr auto kStoresNhwc = StoresNhwc(std::make_index_sequence<16>{});
+  static constexpr auto kStores = Stores<false>(std::make_index_sequence<16>{});
+  static constexpr auto kStoresNhwc = Stores<true>(std::make_index_sequence<16>{});
   if (nhwc) return kStoresNhwc[EpilogueIndex(f, floats)];
   if (f.q && !f.residual && !floats && HasVbmi()) {
     return f.relu ? &StoreTileLevels<true> : &StoreTileLevels<false>;
@@ -1304,10 +1304,7 @@ void Conv(const Ort::KernelContext& ctx, const ConvShape& s, const uint8_t* x, c
     const TileFn* tiles = integer   ? kTilesInt[nhwc][nb - 1].data()
                           : nb == 2 ? kTilesFloat2.data()
                                     : kTilesFloat1.data();
-    const TileLevelsFn* level_tiles =
-        !int_levels ? nullptr
-        : nhwc      ? kTilesIntLevelsNhwc[nb - 1].data()
-                    : kTilesIntLevels[nb - 1].data();
+    const TileLevelsFn* level_tiles = int_levels ? kTilesIntLevels[nhwc][nb - 1].data() : nullptr;
     LevelOut lo{};
     for (int u = 0; u < 2 && level_tiles && ilv[u]; ++u) {
       lo.T[u] = ilv[u]->T;
@@ -1315,6 +1312,19 @@ void Conv(const Ort::KernelContext& ctx, const ConvShape& s, const uint8_t* x, c
       lo.flip[u] = ilv[u]->flip.data() + 2 * p * kLanes;
     }
     lo.mcount = mcount;
+    // The shortcut's tile arguments (its panel's weights and affine; sa.x set per tile).
+    TileArgs sa{};
+    if (sc.x) {
+      sa.w = sc.w->int8.data() + p * (sc.C / 4) * 8 * kLanes;
+      sa.C = sc.C / 4;
+      sa.taps = 1;
+      sa.tapoff = &zero_tap;
+      sa.cstride = 4;
+      sa.xstep = sc.sW * sc.C;
+      sa.scale = sb2.data() + p * 4 * kLanes;
+      sa.bias = sa.scale + 2 * kLanes;
+      sa.out = tile2;
+    }
     lo.P = ostep;
     // This task's share of the next chunk's input lines, a few with each tile.
     int64_t l0 = 0, l1 = 0, per_tile = 0;
@@ -1361,18 +1371,8 @@ void Conv(const Ort::KernelContext& ctx, const ConvShape& s, const uint8_t* x, c
         }
         tiles[nq - 1](a);
         if (sc.x) {  // S of the same outputs: 1x1 sums straight from the NHWC input
-          TileArgs b = a;
-          b.w = sc.w->int8.data() + p * (sc.C / 4) * 8 * kLanes;
-          b.C = sc.C / 4;
-          b.taps = 1;
-          b.tapoff = &zero_tap;
-          b.cstride = 4;
-          b.xstep = sc.sW * sc.C;
-          b.x = sc.x + ((n * sc.H + oh * sc.sH) * sc.W + ow0 * sc.sW) * sc.C;
-          b.scale = sb2.data() + p * 4 * kLanes;
-          b.bias = b.scale + 2 * kLanes;
-          b.out = tile2;
-          kTilesInt[1][nb - 1][nq - 1](b);
+          sa.x = sc.x + ((n * sc.H + oh * sc.sH) * sc.W + ow0 * sc.sW) * sc.C;
+          kTilesInt[1][nb - 1][nq - 1](sa);
           AddTile(tile, tile2, nq * 2 * kLanes);
         }
         store(tile, nq, mcount, OutputsAt(f, y, out_at(oh * s.OW + ow0)), ostep);

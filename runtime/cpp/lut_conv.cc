@@ -216,6 +216,11 @@ struct LutConvT {
     return g;
   }
 
+  // The output shape of convolution g in the node's layout.
+  Shape OutputShape(const Geom& g) const {
+    return nhwc_ ? Shape{g.N, g.OH, g.OW, g.M} : Shape{g.N, g.M, g.OH, g.OW};
+  }
+
   // x with its dims in NCHW order, whatever its layout.
   Tensor NchwView(const Tensor& x) const {
     Tensor v = x;
@@ -229,7 +234,7 @@ struct LutConvT {
     const Geom g = Geometry(NchwView(x), M, conv_);
     Lut lut = GetLut(ctx, 1, 2, bits_, M, g.R);
     Affine af = GetAffine(ctx, 3, 4, M);
-    const Shape yshape = nhwc_ ? Shape{g.N, g.OH, g.OW, M} : Shape{g.N, M, g.OH, g.OW};
+    const Shape yshape = OutputShape(g);
     panels::Fused f;
     f.relu = relu_;
     if (HasInput(ctx, 5)) {
@@ -262,7 +267,7 @@ struct LutConvT {
       Check(shortcut_bits_ > 0, "the shortcut needs shortcut_bits");
       const Tensor x2 = GetInput(ctx, kShortcut, "ShortcutX", kU8, 4);
       const Geom g2 = Geometry(NchwView(x2), M, shortcut_);
-      const Shape sshape = nhwc_ ? Shape{g2.N, g2.OH, g2.OW, M} : Shape{g2.N, M, g2.OH, g2.OW};
+      const Shape sshape = OutputShape(g2);
       Check(sshape == yshape, "the shortcut's output must have Y's shape ", ShapeStr(yshape),
             ", got ", ShapeStr(sshape));
       Lut lut2 = GetLut(ctx, kShortcut + 1, kShortcut + 2, shortcut_bits_, M, g2.R);
@@ -296,36 +301,28 @@ struct LutConvT {
     // NCHW computation on transposed copies, its outputs transposed back.
     const int64_t HW = g.H * g.W, P = g.P, M = g.M;
     std::vector<uint8_t> xt(static_cast<size_t>(g.N * g.C * HW));
-    ToNchw(x.as<uint8_t>(), g.N, HW, g.C, xt.data());
+    Transpose(x.as<uint8_t>(), g.N, HW, g.C, xt.data());
     xv.data = xt.data();
     const size_t total = static_cast<size_t>(g.N * M * P);
     std::vector<float> rt(f.residual ? total : 0), yt(y ? total : 0);
     std::vector<uint8_t> qt(f.q ? total : 0), q2t(f.q2 ? total : 0);
     panels::Fused ft = f;
-    if (f.residual) ToNchw(f.residual, g.N, P, M, rt.data());
+    if (f.residual) Transpose(f.residual, g.N, P, M, rt.data());
     ft.residual = f.residual ? rt.data() : nullptr;
     ft.q = f.q ? qt.data() : nullptr;
     ft.q2 = f.q2 ? q2t.data() : nullptr;
     Run(ctx, g, xv, lut, af, ft, y ? yt.data() : nullptr, kind, false, cache, constant);
-    if (y) ToNhwc(yt.data(), g.N, P, M, y);
-    if (f.q) ToNhwc(qt.data(), g.N, P, M, f.q);
-    if (f.q2) ToNhwc(q2t.data(), g.N, P, M, f.q2);
+    if (y) Transpose(yt.data(), g.N, M, P, y);
+    if (f.q) Transpose(qt.data(), g.N, M, P, f.q);
+    if (f.q2) Transpose(q2t.data(), g.N, M, P, f.q2);
   }
 
-  // [N, HW, C] -> [N, C, HW] and back.
+  // dst [N, cols, rows] = src [N, rows, cols] transposed per image (NHWC <-> NCHW).
   template <class T>
-  static void ToNchw(const T* src, int64_t N, int64_t HW, int64_t C, T* dst) {
-    for (int64_t n = 0; n < N; ++n) {
-      for (int64_t p = 0; p < HW; ++p) {
-        for (int64_t c = 0; c < C; ++c) dst[(n * C + c) * HW + p] = src[(n * HW + p) * C + c];
-      }
-    }
-  }
-  template <class T>
-  static void ToNhwc(const T* src, int64_t N, int64_t HW, int64_t C, T* dst) {
-    for (int64_t n = 0; n < N; ++n) {
-      for (int64_t c = 0; c < C; ++c) {
-        for (int64_t p = 0; p < HW; ++p) dst[(n * HW + p) * C + c] = src[(n * C + c) * HW + p];
+  static void Transpose(const T* src, int64_t N, int64_t rows, int64_t cols, T* dst) {
+    for (int64_t n = 0; n < N; ++n, src += rows * cols, dst += rows * cols) {
+      for (int64_t r = 0; r < rows; ++r) {
+        for (int64_t c = 0; c < cols; ++c) dst[c * rows + r] = src[r * cols + c];
       }
     }
   }
