@@ -71,12 +71,13 @@ def _is(node: onnx.NodeProto, op_type: str, domains: tuple[str, ...]) -> bool:
     return node.op_type == op_type and node.domain in domains
 
 
-def _int_attr(node: onnx.NodeProto, name: str, default: int) -> int:
+def _attr(node: onnx.NodeProto, name: str, default: int | list[int]) -> int | list[int]:
+    """An int or ints attribute's value (ints as a list), default when absent."""
     values = [helper.get_attribute_value(a) for a in node.attribute if a.name == name]
     return values[0] if values else default
 
 
-def _set_int_attr(node: onnx.NodeProto, name: str, value: int) -> None:
+def _set_attr(node: onnx.NodeProto, name: str, value: int | list[int]) -> None:
     for a in [a for a in node.attribute if a.name == name]:
         node.attribute.remove(a)
     node.attribute.append(helper.make_attribute(name, value))
@@ -142,7 +143,7 @@ def fuse_residual_relu(model: onnx.ModelProto, domain: str) -> tuple[int, int]:
     outputs = {o.name for o in graph.output}
     adds = relus = 0
     for lut in [n for n in graph.node if _is(n, "LutConv", (domain,))]:
-        if _int_attr(lut, "relu", 0) or _has_levels(lut):  # Q is the levels of Y as it is
+        if _attr(lut, "relu", 0) or _has_levels(lut):  # Q is the levels of Y as it is
             continue
         reader = _sole_reader(graph, lut.output[0], outputs)
         residual = None if reader is None else _residual_of(reader, lut.output[0], shapes)
@@ -153,7 +154,7 @@ def fuse_residual_relu(model: onnx.ModelProto, domain: str) -> tuple[int, int]:
             adds += 1
             reader = _sole_reader(graph, lut.output[0], outputs)
         if reader is not None and _is(reader, "Relu", STANDARD_DOMAINS):
-            _set_int_attr(lut, "relu", 1)
+            _set_attr(lut, "relu", 1)
             lut.output[0] = reader.output[0]
             graph.node.remove(reader)
             relus += 1
@@ -328,9 +329,9 @@ def fuse_lut_conv(model: onnx.ModelProto, domain: str) -> Fusions:
 _CONVS = ("LutConv", "LutConvQuant")
 
 
-def _ints_attr(node: onnx.NodeProto, name: str, default: list[int]) -> list[int]:
-    values = [list(helper.get_attribute_value(a)) for a in node.attribute if a.name == name]
-    return values[0] if values else default
+def _padded(names, n: int) -> list[str]:
+    """The first n of a node's input names, "" for those it does not list."""
+    return list(names[:n]) + [""] * (n - len(names[:n]))
 
 
 def _shortcut_index(node: onnx.NodeProto) -> int:
@@ -344,10 +345,10 @@ def _is_shortcut_conv(node: onnx.NodeProto, domain: str) -> bool:
     return (
         node.domain == domain
         and node.op_type in _CONVS
-        and _ints_attr(node, "kernel_shape", []) == [1, 1]
-        and not any(_ints_attr(node, "pads", [0] * 4))
-        and _ints_attr(node, "dilations", [1, 1]) == [1, 1]
-        and _int_attr(node, "group", 1) == 1
+        and _attr(node, "kernel_shape", []) == [1, 1]
+        and not any(_attr(node, "pads", [0] * 4))
+        and _attr(node, "dilations", [1, 1]) == [1, 1]
+        and _attr(node, "group", 1) == 1
         and len(node.input) > 5
         and node.input[5] != ""
         and not any(node.input[_shortcut_index(node) :])
@@ -371,27 +372,23 @@ def fuse_shortcut(graph: onnx.GraphProto, domain: str) -> int:
             or not _is(a, "LutConv", (domain,))
             or list(a.output) != [r]
             or any(a.input[5:])
-            or _int_attr(a, "relu", 0)
-            or _int_attr(a, "channels_last", 0) != _int_attr(b, "channels_last", 0)
+            or _attr(a, "relu", 0)
+            or _attr(a, "channels_last", 0) != _attr(b, "channels_last", 0)
             or r in outputs
             or consumers(graph, r) != [b]
             or list(b.input).count(r) != 1
         ):
             continue
         k = _shortcut_index(b)
-        head = list(a.input[:5]) + [""] * (5 - len(a.input[:5]))
-        quant = list(b.input[6:k]) + [""] * (k - max(6, len(b.input[:k])))
-        tail = list(b.input[:5]) + [""] * (5 - len(b.input[:5]))
+        head = _padded(a.input[:5], 5)  # X, Codes, Codebook, Scale, Bias
+        quant = _padded(b.input[:k], k)[6:]  # B's quantizer inputs
         a.op_type = b.op_type
-        a.input[:] = [*head, "", *quant, *tail]
+        a.input[:] = [*head, "", *quant, *_padded(b.input[:5], 5)]
         while a.input and a.input[-1] == "":
             del a.input[-1]
-        _set_int_attr(a, "relu", _int_attr(b, "relu", 0))
-        _set_int_attr(a, "shortcut_bits", _int_attr(b, "bits", 0))
-        strides = _ints_attr(b, "strides", [1, 1])
-        for old in [x for x in a.attribute if x.name == "shortcut_strides"]:
-            a.attribute.remove(old)
-        a.attribute.append(helper.make_attribute("shortcut_strides", strides))
+        _set_attr(a, "relu", _attr(b, "relu", 0))
+        _set_attr(a, "shortcut_bits", _attr(b, "bits", 0))
+        _set_attr(a, "shortcut_strides", _attr(b, "strides", [1, 1]))
         a.output[:] = list(b.output)
         graph.node.remove(b)
         fused += 1
@@ -468,7 +465,7 @@ def to_channels_last(graph: onnx.GraphProto, domain: str) -> int:
                     )
                 n.input[k] = entering[name]
     for i in convs:
-        _set_int_attr(nodes[i], "channels_last", 1)
+        _set_attr(nodes[i], "channels_last", 1)
     graph.node.extend(added)
     topological_sort(graph)
     return len(convs)

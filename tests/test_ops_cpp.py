@@ -376,15 +376,16 @@ def check_y_and_levels(so, cases, constants=()):
     assert exempt <= 1e-3 * total, f"{exempt} of {total} levels differ at thresholds"
 
 
-def with_second_quantizer(rng, cases):
-    """The LutConvQuant cases with QScale2 and QThresholds2 (another scale, other thresholds
-    between the output values)."""
+def with_quantizer(rng, cases, suffix=""):
+    """The cases with QScale{suffix} and QThresholds{suffix}: a random scale and thresholds
+    between the output values (suffix "2": LutConvQuant's second quantizer)."""
     out = []
     for inputs, attrs in cases:
-        qscale2 = np.float32(rng.uniform(0.5, 2.0))
+        qscale = np.float32(rng.uniform(0.5, 2.0))
         y = run_single("LutConv", without_levels(inputs), attrs)
-        thr2 = _thresholds_between(rng, qscale2 * y)
-        out.append(({**inputs, "QScale2": np.array([qscale2]), "QThresholds2": thr2}, attrs))
+        thr = _thresholds_between(rng, qscale * y)
+        quant = {f"QScale{suffix}": np.array([qscale]), f"QThresholds{suffix}": thr}
+        out.append(({**inputs, **quant}, attrs))
     return out
 
 
@@ -413,11 +414,11 @@ def test_lut_conv_quant_second_quantizer_matches_reference(so2):
     """Q2 (a second reader's quantizer of the same output) on every path: the panel kernels
     (float and int8, channel- and pixel-lane tiles), with and without residual and relu."""
     rng = np.random.default_rng(31)
-    cases = with_second_quantizer(rng, fused_cases(seed=32, count=120, quant=True))
+    cases = with_quantizer(rng, fused_cases(seed=32, count=120, quant=True), "2")
     check_two_levels(so2, cases)
     check_two_levels(so2, cases[:40], constants=("Codes", "Codebook", "Scale"))
     pix = with_epilogue(rng, pixel_lane_cases(seed=33, count=24), True)
-    check_two_levels(so2, with_second_quantizer(rng, pix), constants=("Codes", "Codebook"))
+    check_two_levels(so2, with_quantizer(rng, pix, "2"), constants=("Codes", "Codebook"))
 
 
 def test_lut_conv_quant_second_output_and_its_inputs_go_together(so2):
@@ -486,7 +487,7 @@ def test_channels_last_matches_reference(so2):
     last = [_channels_last(c) for c in fused_cases(seed=42, count=160, quant=False)]
     check_cases(so2, "LutConv", last)
     check_cases(so2, "LutConv", last[:60], constants=("Codes", "Codebook", "Scale"))
-    quant = with_second_quantizer(rng, fused_cases(seed=43, count=160, quant=True))
+    quant = with_quantizer(rng, fused_cases(seed=43, count=160, quant=True), "2")
     check_two_levels(so2, [_channels_last(c) for c in quant])
     check_levels(so2, [_channels_last(c) for c in fused_cases(seed=44, count=80, quant=True)])
     check_y_and_levels(so2, [_channels_last(c) for c in fused_cases(seed=45, count=60, quant=True)])
@@ -524,7 +525,7 @@ def test_channels_last_int8_kernel_equals_its_nchw_form(so2):
             "relu": 1,
         }
         cases.append((inputs, attrs))
-    cases = with_second_quantizer(rng, with_epilogue(rng, cases, True))
+    cases = with_quantizer(rng, with_epilogue(rng, cases, True), "2")
     for inputs, attrs in cases:
         for op, outputs, drop in [
             ("LutConv", ("Y", "Q"), ("QScale2", "QThresholds2")),
@@ -570,16 +571,6 @@ def shortcut_cases(seed, count):
     return cases
 
 
-def with_levels(rng, cases):
-    """The cases with QScale and thresholds between their output values."""
-    out = []
-    for inputs, attrs in cases:
-        qscale = np.float32(rng.uniform(0.5, 2.0))
-        thr = _thresholds_between(rng, qscale * run_single("LutConv", inputs, attrs))
-        out.append(({**inputs, "QScale": np.array([qscale]), "QThresholds": thr}, attrs))
-    return out
-
-
 @pytest.mark.parametrize("last", [False, True])
 def test_shortcut_matches_reference(so2, last):
     """LutConv / LutConvQuant with a 1x1 shortcut: Y, Q and Q2 against the reference, in both
@@ -589,10 +580,10 @@ def test_shortcut_matches_reference(so2, last):
     cases = [layout(c) for c in shortcut_cases(seed=51, count=80)]
     check_cases(so2, "LutConv", cases)
     check_cases(so2, "LutConv", cases[:30], constants=("ShortcutCodes", "ShortcutCodebook"))
-    quant = with_levels(rng, cases[:50])
+    quant = with_quantizer(rng, cases[:50])
     check_y_and_levels(so2, quant)
     quant = [({**i, "Residual": None}, a) for i, a in quant]
-    check_two_levels(so2, with_second_quantizer(rng, quant))
+    check_two_levels(so2, with_quantizer(rng, quant, "2"))
     check_levels(so2, quant, constants=("Codes", "Codebook", "ShortcutCodes", "ShortcutCodebook"))
 
 
@@ -615,7 +606,7 @@ def test_shortcut_int8_kernel_equals_the_two_nodes(so2):
         attrs = {"bits": 3, "kernel_shape": [3, 3], "pads": [1, 1, 1, 1], "relu": 1}
         attrs.update(shortcut_bits=4, shortcut_strides=[s2, s2])
         cases.append(_channels_last((inputs, attrs)))
-    for inputs, attrs in with_levels(rng, cases):
+    for inputs, attrs in with_quantizer(rng, cases):
         fused = run_ort(so2, "LutConv", inputs, attrs, ("Codes",), ("Y", "Q"))
         short = {k[len("Shortcut") :]: v for k, v in inputs.items() if k.startswith("Shortcut")}
         s_attrs = {"bits": 4, "kernel_shape": [1, 1], "strides": attrs["shortcut_strides"]}
@@ -962,7 +953,7 @@ def test_other_isa_paths_match_reference(isa, library, monkeypatch):
     check_levels(so, fused_cases(seed=16, count=60, quant=True))
     check_y_and_levels(so, fused_cases(seed=17, count=40, quant=True))
     rng = np.random.default_rng(18)
-    check_two_levels(so, with_second_quantizer(rng, fused_cases(seed=19, count=30, quant=True)))
+    check_two_levels(so, with_quantizer(rng, fused_cases(seed=19, count=30, quant=True), "2"))
     last = [_channels_last(c) for c in fused_cases(seed=20, count=40, quant=True)]
     check_levels(so, last)
     check_cases(so, "LutConv", [(without_levels(i), a) for i, a in last])
