@@ -8,6 +8,7 @@ ai.adq nodes of an exported graph (the exporter's fusion pass relies on it).
 
 from __future__ import annotations
 
+import atexit
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import partial
@@ -275,12 +276,32 @@ def onnx_schema(op: OpDecl) -> onnx.defs.OpSchema:
 
 def register_onnx_schemas() -> None:
     """Register the ai.adq schemas with onnx (idempotent) so onnx.checker and shape inference
-    know the ops."""
+    know the ops; they are removed again at interpreter exit (see deregister_onnx_schemas)."""
+    added = False
     for op in OPS:
         try:
             onnx.defs.get_schema(op.name, VERSION, DOMAIN)
         except onnx.defs.SchemaError:
             onnx.defs.register_schema(onnx_schema(op))
+            added = True
+    if added:
+        atexit.register(deregister_onnx_schemas)
+
+
+def deregister_onnx_schemas() -> None:
+    """Remove the ai.adq schemas from onnx's registry (a no-op for those not registered).
+
+    Their inference functions are Python objects held by onnx's C++ registry. Left there, onnx
+    1.19 to 1.22 destroy them after the interpreter has finalized, at process exit: 1.19 hangs
+    waiting for the GIL and 1.20-1.22 crash (exit status 139), so every command would fail.
+    """
+    for op in OPS:
+        try:
+            onnx.defs.get_schema(op.name, VERSION, DOMAIN)
+        except onnx.defs.SchemaError:
+            continue
+        onnx.defs.deregister_schema(op.name, VERSION, DOMAIN)
+    atexit.unregister(deregister_onnx_schemas)
 
 
 def attribute_defaults(op_name: str) -> dict[str, int | tuple[int, ...] | None]:
