@@ -48,8 +48,8 @@ def _brute_conv(x, w, scale, bias, strides, pads, dilations, group):
                             continue
                         # [N, G] x [Mg, G] -> [N, Mg]
                         acc[:, ms, p, q] += x64[:, cs, r, s] @ w64[ms, :, i, j].T
-    sc = np.float64(scale).reshape(1, -1, 1, 1)
-    b = 0.0 if bias is None else np.float64(bias).reshape(1, -1, 1, 1)
+    sc = np.asarray(scale, dtype=np.float64).reshape(1, -1, 1, 1)
+    b = 0.0 if bias is None else np.asarray(bias, dtype=np.float64).reshape(1, -1, 1, 1)
     return sc * acc + b, np.abs(sc * acc) + np.abs(b)
 
 
