@@ -104,7 +104,16 @@ def simplify(model: onnx.ModelProto) -> onnx.ModelProto:
         graph.input.append(
             helper.make_tensor_value_info(init.name, init.data_type, list(init.dims))
         )
-    simplified, ok = onnxsim.simplify(model)
+    try:
+        simplified, ok = onnxsim.simplify(model)
+    except Exception as e:  # onnxsim raises bare RuntimeErrors, messages of many lines
+        import onnxruntime
+
+        first = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+        raise ValueError(
+            f"onnxsim {onnxsim.__version__} failed (onnxruntime {onnxruntime.__version__}): "
+            f"{first.strip()}; export with --no-simplify (onnxsim 0.8 needs onnxruntime >= 1.24)"
+        ) from e
     if not ok:
         raise ValueError("onnxsim could not validate the simplified model (use --no-simplify)")
     names = {i.name for i in hidden}

@@ -328,6 +328,26 @@ def test_cli_refuses_an_unwritable_output(tmp_path):
     assert regular.read_text() == "x"
 
 
+def test_a_failing_onnxsim_is_one_error_line_and_writes_nothing(
+    factory_checkpoint, tmp_path, monkeypatch
+):
+    import onnxsim
+
+    monkeypatch.syspath_prepend(str(ROOT))  # the factory 'tests.export_helpers' is importable
+
+    def broken(model, *args, **kwargs):
+        raise RuntimeError("Unrecognized attribute: x for operator Constant\n\n==> Context: ...")
+
+    monkeypatch.setattr(onnxsim, "simplify", broken)
+    out = tmp_path / "m.onnx"
+    args = [factory_checkpoint, "--allow-import", "--format", "standard", "-o", out]
+    result = invoke(args)
+    assert_one_error_line(result, "onnxsim", "Unrecognized attribute: x", "--no-simplify")
+    assert "Context" not in result.output and list(tmp_path.iterdir()) == []
+    assert invoke([*args, "--no-simplify"]).exit_code == 0
+    assert out.exists()
+
+
 @pytest.mark.parametrize("fmt", ["adq", "int8"])
 def test_cli_refuses_opset_with_a_non_standard_format(fmt, tmp_path):
     args = [checkpoint_path("test_model"), "-o", tmp_path / "m.onnx", "--format", fmt]
