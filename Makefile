@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.installed
 CKPT   ?= examples/fmnist_resnet20_adq.pt
 DEMO   := build/demo
 
-.PHONY: setup data ops demo test lint table clean
+.PHONY: setup data ops demo test test-oldest lint table clean
 
 setup: $(STAMP)
 
@@ -39,6 +39,20 @@ demo: setup data ops
 test: setup data
 	$(BIN)/python -m pytest
 
+# The suite again on the oldest versions pyproject.toml admits, in their own venv: onnxruntime
+# 1.21 (the op library's floor), onnx 1.20, onnxsim 0.7, NumPy 1.26, click 8.2, tqdm 4.60.
+# torch stays $(TORCH), the only CPU wheel at hand here. Tests of exports that need a newer
+# onnxruntime (docs/export.md) skip with that reason (`-rs` lists them).
+OLDEST := onnxruntime==1.21.1 onnx==1.20.0 onnxsim==0.7.0 numpy==1.26.0 click==8.2.0 tqdm==4.60.0
+OLDEST_VENV ?= .venv-oldest
+
+test-oldest: data ops
+	$(PYTHON) -m venv $(OLDEST_VENV)
+	$(OLDEST_VENV)/bin/python -m pip install -q --upgrade pip
+	$(OLDEST_VENV)/bin/python -m pip install -q "$(TORCH)"
+	$(OLDEST_VENV)/bin/python -m pip install -q -e '.[dev]' $(OLDEST)
+	$(OLDEST_VENV)/bin/python -m pytest -rs
+
 lint: setup
 	$(BIN)/ruff check .
 
@@ -47,4 +61,4 @@ table: setup data
 	$(BIN)/python examples/fashion_mnist_table.py --out runs/fmnist
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(OLDEST_VENV) build *.egg-info .pytest_cache .ruff_cache

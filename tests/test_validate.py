@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
+from export_helpers import skip_if_onnxruntime_too_old
 
 from adq_deploy import models
 from adq_deploy.checkpoint import save_checkpoint
@@ -47,6 +48,7 @@ def exported(tmp_path_factory):
 @pytest.mark.parametrize("fmt", ["adq", "standard"])
 def test_report_and_pass(exported, tmp_path, fmt):
     ck, _, paths = exported
+    skip_if_onnxruntime_too_old(paths[fmt])
     report_path = tmp_path / "r.json"
     args = [
         str(paths[fmt]),
@@ -78,6 +80,7 @@ def test_snapped_exports_compare_with_the_snapped_model(exported, tmp_path, name
     """int8 and adq --int-codebooks: parity against the checkpoint's model with the snapped
     codebooks (tight gates), accuracy also against the checkpoint itself."""
     ck, _, paths = exported
+    skip_if_onnxruntime_too_old(paths[name])
     report_path = tmp_path / "r.json"
     args = [str(paths[name]), "--checkpoint", str(ck), *FAST, "--report", str(report_path)]
     result = CliRunner().invoke(validate_main, args)
@@ -100,6 +103,7 @@ def test_unsnapped_exports_compare_with_the_checkpoint(exported, tmp_path):
 
 def test_wrong_checkpoint_fails_the_gate(exported):
     ck, other, paths = exported
+    skip_if_onnxruntime_too_old(paths["standard"])
     result = CliRunner().invoke(
         validate_main, [str(paths["standard"]), "--checkpoint", str(other), *FAST]
     )
