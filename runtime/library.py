@@ -17,6 +17,7 @@ import os
 import subprocess
 from pathlib import Path
 
+import onnx
 import onnxruntime as ort
 
 ENV_LIBRARY = "ADQ_OPS_LIBRARY"
@@ -117,10 +118,39 @@ def session_options(
     return so
 
 
+INTEGER_OPS = frozenset({"ConvInteger", "MatMulInteger"})
+
+
+def oldest_onnxruntime(model: onnx.ModelProto) -> tuple[int, int]:
+    """The oldest onnxruntime (major, minor) that runs this export, as measured in
+    docs/export.md: int8 (ConvInteger u8 x s8) and opset 25 1.24, opset 21 1.23, the op
+    library 1.21, older opsets 1.18."""
+    if any(n.op_type in INTEGER_OPS for n in model.graph.node):
+        return (1, 24)
+    opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
+    if opset >= 25:
+        return (1, 24)
+    if opset >= 21:
+        return (1, 23)
+    if any(o.domain == "ai.adq" for o in model.opset_import):
+        return (1, 21)
+    return (1, 18)
+
+
+def installed_onnxruntime() -> tuple[int, int]:
+    """The installed onnxruntime's (major, minor)."""
+    major, minor = (int(p) for p in ort.__version__.split(".")[:2])
+    return major, minor
+
+
 def make_session(
     path: str | os.PathLike, fmt: str, threads: int | None = None
 ) -> ort.InferenceSession:
-    """A CPU session for an export; the ai.adq op library is registered for the adq format."""
+    """A CPU session for an export; the ai.adq op library is registered for the adq format.
+
+    onnxruntime's own load errors (several classes, none a RuntimeError, messages of many
+    lines) become one ValueError line that says when the export needs a newer onnxruntime.
+    """
     if fmt == "adq":
         opts = session_options(threads)
     else:
@@ -128,11 +158,26 @@ def make_session(
         opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
         if threads is not None:
             opts.intra_op_num_threads = int(threads)
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    try:
+        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    except Exception as e:
+        if not type(e).__module__.startswith("onnxruntime"):
+            raise
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        msg = f"onnxruntime {ort.__version__} cannot load {path}: {lines[-1] if lines else e!r}"
+        try:
+            need = oldest_onnxruntime(onnx.load(str(path), load_external_data=False))
+        except Exception:  # noqa: BLE001 - the load error above is the one to report
+            need = (0, 0)
+        if installed_onnxruntime() < need:
+            msg += f"; this export needs onnxruntime >= {need[0]}.{need[1]} (docs/export.md)"
+        raise ValueError(msg) from None
 
 
 __all__ = [
     "make_session",
+    "oldest_onnxruntime",
+    "installed_onnxruntime",
     "ENV_LIBRARY",
     "OpLibraryError",
     "build_library",

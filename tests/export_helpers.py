@@ -35,6 +35,7 @@ from exporters.fold import FoldedModel, fold, placeholder_name
 from exporters.graph import compact_names
 from exporters.skeleton import DOMAIN, PLACEHOLDER
 from exporters.write_int8 import snapped, snapped_model  # noqa: F401 - tests use both
+from runtime.library import installed_onnxruntime, oldest_onnxruntime
 from runtime.reference import run_reference
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -377,28 +378,13 @@ def run_onnx(model: onnx.ModelProto | str | Path, x: np.ndarray) -> np.ndarray:
     return ort_session(proto).run(None, {"input": x})[0]
 
 
-# The oldest onnxruntime that runs each kind of export, as measured in docs/export.md ("Oldest
-# onnxruntime that runs each"). The package supports onnxruntime >= 1.21; the CI job on the
-# oldest versions (`make test-oldest`) skips, with this reason, only what the table rules out.
-ORT_VERSION = tuple(int(p) for p in ort.__version__.split(".")[:2])
-INTEGER_OPS = {"ConvInteger", "MatMulInteger"}
-
-
-def oldest_onnxruntime(model: onnx.ModelProto) -> tuple[int, int]:
-    """The oldest onnxruntime (major, minor) that runs this export (docs/export.md)."""
-    if any(n.op_type in INTEGER_OPS for n in model.graph.node):
-        return (1, 24)  # int8: ConvInteger u8 x s8
-    opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
-    return (1, 24) if opset >= 25 else (1, 23) if opset >= 21 else (1, 18)
-
-
 def skip_if_onnxruntime_too_old(model: onnx.ModelProto | str | Path) -> None:
     """pytest.skip when the installed onnxruntime is older than the export needs."""
     import pytest
 
     proto = onnx.load(str(model)) if isinstance(model, (str, Path)) else model
-    need = oldest_onnxruntime(proto)
-    if ORT_VERSION < need:
+    need = oldest_onnxruntime(proto)  # docs/export.md's table; CI's `make test-oldest` runs 1.21
+    if installed_onnxruntime() < need:
         pytest.skip(
             f"needs onnxruntime >= {need[0]}.{need[1]} (docs/export.md), "
             f"installed {ort.__version__}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import onnx
 import pytest
 import torch
 from click.testing import CliRunner
@@ -112,10 +113,13 @@ def test_wrong_checkpoint_fails_the_gate(exported):
 
 
 def test_bad_input_exits_2(exported, tmp_path):
-    ck, _, _ = exported
+    ck, _, paths = exported
     junk = tmp_path / "junk.onnx"
     junk.write_bytes(b"\x00\x01not onnx")
-    for model in (tmp_path / "missing.onnx", junk):
+    future = onnx.load(str(paths["standard"]))
+    future.ir_version = 99  # valid protobuf that no onnxruntime loads
+    onnx.save(future, tmp_path / "future.onnx")
+    for model in (tmp_path / "missing.onnx", junk, tmp_path / "future.onnx"):
         result = CliRunner().invoke(validate_main, [str(model), "--checkpoint", str(ck), *FAST])
         assert result.exit_code == 2, result.output
         lines = [ln for ln in result.output.splitlines() if ln.strip()]
