@@ -505,22 +505,30 @@ struct LevelOut {
   int64_t mcount, P;
 };
 
+// The levels of one output's 16 channels from their sums acc: #{k : (acc ^ flip) >= tau[k]}
+// per lane (IntLevels; tau: T vectors of 16 thresholds).
+__attribute__((target("avx512f"), always_inline)) inline __m512i IntLevel(__m512i acc,
+                                                                           const int32_t* tau,
+                                                                           int T, __m512i flip) {
+  const __m512i one = _mm512_set1_epi32(1);
+  const __m512i x = _mm512_xor_si512(acc, flip);
+  __m512i c = _mm512_setzero_si512();
+  for (int k = 0; k < T; ++k) {
+    const __mmask16 ge = _mm512_cmpge_epi32_mask(x, _mm512_loadu_si512(tau + k * kLanes));
+    c = _mm512_mask_add_epi32(c, ge, c, one);
+  }
+  return c;
+}
+
 // The levels of 4 outputs of one block from their sums (outputs past NQ: zeros), packed as
 // LevelGroup's.
 template <int NQ, int G>
 __attribute__((target("avx512f,avx512bw,avx512vl"), always_inline)) inline __m512i IntLevelGroup(
     const __m512i* acc, const int32_t* tau, int T, __m512i flip) {
-  const __m512i one = _mm512_set1_epi32(1);
   __m512i c[4];
 #pragma GCC unroll 4
   for (int s = 0; s < 4; ++s) {
-    c[s] = _mm512_setzero_si512();
-    if (4 * G + s >= NQ) continue;
-    const __m512i x = _mm512_xor_si512(acc[4 * G + s], flip);
-    for (int k = 0; k < T; ++k) {
-      const __mmask16 ge = _mm512_cmpge_epi32_mask(x, _mm512_loadu_si512(tau + k * kLanes));
-      c[s] = _mm512_mask_add_epi32(c[s], ge, c[s], one);
-    }
+    c[s] = 4 * G + s < NQ ? IntLevel(acc[4 * G + s], tau, T, flip) : _mm512_setzero_si512();
   }
   return _mm512_packus_epi16(_mm512_packus_epi32(c[0], c[1]), _mm512_packus_epi32(c[2], c[3]));
 }
@@ -599,7 +607,6 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void TileIntLeve
     const TileArgs& a, const LevelOut& o) {
   __m512i acc[NB][NQ];  // every loop over acc is unrolled, or GCC keeps it in memory
   SumsInt<NB, NQ, true>(a, acc);
-  const __m512i one = _mm512_set1_epi32(1);
   for (int u = 0; u < 2 && o.q[u]; ++u) {
 #pragma GCC unroll 2
     for (int b = 0; b < NB; ++b) {
@@ -609,12 +616,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void TileIntLeve
       const __m512i flip = _mm512_loadu_si512(o.flip[u] + b * kLanes);
 #pragma GCC unroll 32
       for (int j = 0; j < NQ; ++j) {
-        const __m512i x = _mm512_xor_si512(acc[b][j], flip);
-        __m512i c = _mm512_setzero_si512();
-        for (int k = 0; k < o.T[u]; ++k) {
-          const __mmask16 ge = _mm512_cmpge_epi32_mask(x, _mm512_loadu_si512(tau + k * kLanes));
-          c = _mm512_mask_add_epi32(c, ge, c, one);
-        }
+        const __m512i c = IntLevel(acc[b][j], tau, o.T[u], flip);
         _mm_mask_storeu_epi8(o.q[u] + j * o.P + b * kLanes, mask, _mm512_cvtepi32_epi8(c));
       }
     }
