@@ -14,8 +14,9 @@ import click
 from .checkpoint import CheckpointError
 from .data import DATASETS, DataError
 
-# RuntimeError: onnxruntime's failures (e.g. a session that cannot load the model) and a
-# missing op library (runtime.library.OpLibraryError) are the user's to fix, not tracebacks.
+# RuntimeError: a missing op library (runtime.library.OpLibraryError) is the user's to fix, not
+# a traceback. onnxruntime's own exceptions derive from Exception alone: runtime.library's
+# make_session turns a session that cannot load the model into a ValueError.
 USER_ERRORS = (CheckpointError, DataError, ValueError, OSError, RuntimeError)
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from runtime.schema import register_onnx_schemas
+from runtime.schema import OPS_BY_NAME, register_onnx_schemas
 
 STANDARD_DOMAINS = ("", "ai.onnx")
 Shape = tuple[int | str, ...]  # each dim a value or a symbol (dim_param)
@@ -335,8 +335,8 @@ def _padded(names, n: int) -> list[str]:
 
 
 def _shortcut_index(node: onnx.NodeProto) -> int:
-    """Where a LutConv's (8) or LutConvQuant's (10) shortcut inputs start."""
-    return 10 if node.op_type == "LutConvQuant" else 8
+    """Where a LutConv's (8) or LutConvQuant's (10) shortcut inputs start (runtime/schema.py)."""
+    return [p.name for p in OPS_BY_NAME[node.op_type].inputs].index("ShortcutX")
 
 
 def _is_shortcut_conv(node: onnx.NodeProto, domain: str) -> bool:

@@ -91,9 +91,9 @@ def lut_conv(
     ow = (w + left + right - dw * (kw - 1) - 1) // sw + 1
     if oh < 1 or ow < 1:
         raise ValueError(f"{op}: empty output spatial size {oh}x{ow}")
+    shape = (n, oh, ow, m) if last else (n, m, oh, ow)  # Y's, in the node's layout
     if Residual is not None:
         Residual = check_tensor(op, "Residual", Residual, "float", 4)
-        shape = (n, oh, ow, m) if last else (n, m, oh, ow)
         if Residual.shape != shape:
             raise ValueError(
                 f"{op}: Residual must have the output's shape {list(shape)}, "
@@ -114,7 +114,6 @@ def lut_conv(
         attrs = dict(bits=shortcut_bits, kernel_shape=[1, 1], strides=shortcut_strides)
         attrs.update(pads=[0] * 4, dilations=[1, 1], group=1, relu=0, channels_last=int(last))
         s = lut_conv(f"{op} shortcut", *shortcut, None, **attrs)
-        shape = (n, oh, ow, m) if last else (n, m, oh, ow)
         if s.shape != shape:
             got = list(s.shape)
             raise ValueError(
