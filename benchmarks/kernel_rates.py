@@ -4,7 +4,8 @@ First the machine: the best of onnxruntime's MatMul (MLAS SGEMM) and torch.matmu
 [1024 x 1024] x [1024 x 1024], and onnxruntime's MatMulInteger (MLAS u8 x s8 GEMM, VNNI where
 the CPU has it) on the same shape in uint8 / int8. Then, per layer shape, LutConv's float path
 (a float codebook), its int8 path (an integer codebook; NCHW and channels last), LutGemm, and
-onnxruntime's fp32 Conv / Gemm on the same weights: GMAC/s (multiply-adds per second, best of
+onnxruntime's fp32 Conv / Gemm on the same weights (for ConvPoolQuant, the unfused graph it
+replaces): GMAC/s (multiply-adds per second, best of
 `--repeat`) and the share of the machine's fp32 and int8 GEMM rates. The LutConv graph holds
 packed codes, a codebook, Scale and Bias as initializers and takes uint8 levels; the baseline
 holds the decoded fp32 weights and takes the same levels as float.
@@ -43,6 +44,8 @@ CONV_SHAPES = [
     ("pointwise 1x1 128->256 28x28", 1, 128, 28, 28, 256, 1, 1, 1),
     ("depthwise 3x3 128ch 28x28", 1, 128, 28, 28, 128, 3, 1, 128),
 ]
+# name, N (ResNet-18's first layer: 3 -> 64 channels, 7x7 / 2, ReLU, 3x3 / 2 max pooling)
+STEM_SHAPES = [("resnet18 stem 224x224", 1), ("resnet18 stem 224x224 batch 8", 8)]
 # name, N, Kin, M
 GEMM_SHAPES = [
     ("fc 512->10 batch 1", 1, 512, 10),
@@ -207,9 +210,78 @@ def bench_gemm(shape, bits, threads, repeat, rng, rates):
     )
 
 
-def _compare(name, adq, adq_feeds, fp32, fp32_feeds, macs, threads, repeat, rates, nhwc=False):
+def bench_conv_pool(shape, threads, repeat, rng, rates):
+    """ConvPoolQuant against the graph it replaces: onnxruntime's fp32 Conv, Relu, MaxPool and
+    Transpose to NHWC, then ThresholdQuant (the op library's); Y compared."""
+    name, n = shape
+    x = rng.normal(size=(n, 3, 224, 224)).astype(np.float32)
+    inits = [
+        numpy_helper.from_array((rng.normal(size=(64, 3, 7, 7)) * 0.1).astype(np.float32), "W"),
+        numpy_helper.from_array(rng.normal(size=64).astype(np.float32), "B"),
+        numpy_helper.from_array(np.array([1.0], np.float32), "s"),
+        numpy_helper.from_array(np.array([0.3, 0.9, 1.5], np.float32), "t"),
+    ]
+    conv = dict(kernel_shape=[7, 7], strides=[2, 2], pads=[3, 3, 3, 3])
+    pool = dict(pool_kernel_shape=[3, 3], pool_strides=[2, 2], pool_pads=[1, 1, 1, 1])
+    T = onnx.TensorProto
+    io = (
+        [oh.make_tensor_value_info("X", T.FLOAT, list(x.shape))],
+        [
+            oh.make_tensor_value_info("Y", T.FLOAT, None),
+            oh.make_tensor_value_info("Q", T.UINT8, None),
+        ],
+    )
+    fused = _model(
+        [
+            oh.make_node(
+                "ConvPoolQuant",
+                ["X", "W", "B", "s", "t"],
+                ["Y", "Q"],
+                domain=DOMAIN,
+                relu=1,
+                **conv,
+                **pool,
+            )
+        ],
+        *io,
+        inits,
+        adq=True,
+    )
+    unfused = _model(
+        [
+            oh.make_node("Conv", ["X", "W", "B"], ["z"], **conv),
+            oh.make_node("Relu", ["z"], ["r"]),
+            oh.make_node(
+                "MaxPool", ["r"], ["p"], kernel_shape=[3, 3], strides=[2, 2], pads=[1] * 4
+            ),
+            oh.make_node("Transpose", ["p"], ["Y"], perm=[0, 2, 3, 1]),
+            oh.make_node("ThresholdQuant", ["Y", "s", "t"], ["Q"], domain=DOMAIN),
+        ],
+        *io,
+        inits,
+        adq=True,
+    )
+    macs = float(n) * 64 * 112 * 112 * 3 * 49
+    label = f"ConvPoolQuant: {name}"
+    feeds = {"X": x}
+    _compare(label, fused, feeds, unfused, feeds, macs, threads, repeat, rates, baseline_adq=True)
+
+
+def _compare(
+    name,
+    adq,
+    adq_feeds,
+    fp32,
+    fp32_feeds,
+    macs,
+    threads,
+    repeat,
+    rates,
+    nhwc=False,
+    baseline_adq=False,
+):
     so_adq = session_options(num_threads=threads)
-    so_fp = ort.SessionOptions()
+    so_fp = session_options(num_threads=threads) if baseline_adq else ort.SessionOptions()
     so_fp.intra_op_num_threads = threads
     s_adq = ort.InferenceSession(adq, so_adq, providers=["CPUExecutionProvider"])
     s_fp = ort.InferenceSession(fp32, so_fp, providers=["CPUExecutionProvider"])
@@ -259,6 +331,9 @@ def main():
                     bench_conv(
                         shape, args.bits, threads, args.repeat, rng, rates, integer=True, nhwc=True
                     )
+        for shape in STEM_SHAPES:
+            if args.only in shape[0]:
+                bench_conv_pool(shape, threads, args.repeat, rng, rates)
         for shape in GEMM_SHAPES:
             if args.only in shape[0]:
                 bench_gemm(shape, args.bits, threads, args.repeat, rng, rates)

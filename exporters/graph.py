@@ -1,6 +1,7 @@
 """Small ONNX graph-editing helpers shared by the folding pass and the writers, and the adq
-format's fusion of LutConv epilogues (residual Add, Relu, ThresholdQuant: LutConvQuant or
-LutConv's levels output Q)."""
+format's fusions: LutConv epilogues (residual Add, Relu, ThresholdQuant: LutConvQuant or
+LutConv's levels output Q), shortcuts, the channels-last region, and the float first layer with
+its pooling (ConvPoolQuant)."""
 
 from __future__ import annotations
 
@@ -469,6 +470,90 @@ def to_channels_last(graph: onnx.GraphProto, domain: str) -> int:
     graph.node.extend(added)
     topological_sort(graph)
     return len(convs)
+
+
+def _producer(graph: onnx.GraphProto, value: str) -> onnx.NodeProto | None:
+    """The node that writes ``value`` (None for graph inputs and initializers)."""
+    return next((n for n in graph.node if value in n.output), None)
+
+
+def _window_ok(node: onnx.NodeProto, kernel: list[int]) -> bool:
+    """Whether a Conv / MaxPool node has the plain window ConvPoolQuant computes: 2-D, explicit
+    pads (no auto_pad), dilations 1, and for MaxPool floor rounding, one output, pads below the
+    window and windows of at most 64."""
+    if len(kernel) != 2 or _attr(node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+        return False
+    if _attr(node, "dilations", [1, 1]) != [1, 1] or len(_attr(node, "strides", [1, 1])) != 2:
+        return False
+    pads = _attr(node, "pads", [0, 0, 0, 0])
+    if len(pads) != 4 or min(pads) < 0:
+        return False
+    if node.op_type == "MaxPool":
+        if len(node.output) != 1 or _attr(node, "ceil_mode", 0) or _attr(node, "storage_order", 0):
+            return False
+        return max(kernel) <= 64 and all(pads[d] < kernel[d % 2] for d in range(4))
+    return True
+
+
+def fuse_conv_pool_quant(graph: onnx.GraphProto, domain: str) -> int:
+    """Fold a float first layer up to the next layer's levels, ``Conv [-> Relu] [-> MaxPool]
+    -> Transpose to NHWC -> ThresholdQuant``, into one ConvPoolQuant (docs/onnx-ops.md) where the
+    Conv has one group and a constant 4-D weight, and each tensor before the Transpose has no
+    other reader. The Transpose's output stays (as Y) for its other readers, such as the first
+    residual block. Returns the number of nodes made."""
+    outputs = {o.name for o in graph.output}
+    fused = 0
+    for tq in [n for n in graph.node if _is(n, "ThresholdQuant", (domain,))]:
+        t = _producer(graph, tq.input[0])
+        if t is None or not _is(t, "Transpose", STANDARD_DOMAINS):
+            continue
+        if _attr(t, "perm", []) != [0, 2, 3, 1] or t.output[0] in outputs:
+            continue
+        if sum(_is(r, "ThresholdQuant", (domain,)) for r in consumers(graph, t.output[0])) != 1:
+            continue
+        chain, value = [t], t.input[0]
+        for op_type in ("MaxPool", "Relu", "Conv"):
+            node = _producer(graph, value)
+            if node is None or _sole_reader(graph, value, outputs) != chain[-1]:
+                break
+            if _is(node, op_type, STANDARD_DOMAINS):
+                chain.append(node)
+                value = node.input[0]
+        conv = chain[-1]
+        w = constant_value(graph, conv.input[1]) if _is(conv, "Conv", STANDARD_DOMAINS) else None
+        if w is None or w.ndim != 4 or w.dtype != np.float32 or _attr(conv, "group", 1) != 1:
+            continue
+        pool = next((n for n in chain if n.op_type == "MaxPool"), None)
+        if not _window_ok(conv, list(w.shape[2:])) or not (
+            pool is None or _window_ok(pool, _attr(pool, "kernel_shape", []))
+        ):
+            continue
+        attrs: dict[str, int | list[int]] = {
+            "kernel_shape": list(w.shape[2:]),
+            "strides": _attr(conv, "strides", [1, 1]),
+            "pads": _attr(conv, "pads", [0, 0, 0, 0]),
+            "relu": int(any(n.op_type == "Relu" for n in chain)),
+        }
+        if pool is not None:
+            attrs["pool_kernel_shape"] = _attr(pool, "kernel_shape", [])
+            attrs["pool_strides"] = _attr(pool, "strides", [1, 1])
+            attrs["pool_pads"] = _attr(pool, "pads", [0, 0, 0, 0])
+        bias = conv.input[2] if len(conv.input) > 2 else ""
+        node = helper.make_node(
+            "ConvPoolQuant",
+            [conv.input[0], conv.input[1], bias, tq.input[1], tq.input[2]],
+            [t.output[0], tq.output[0]],
+            name=f"{conv.name or conv.output[0]}/ConvPoolQuant",
+            domain=domain,
+            **attrs,
+        )
+        for n in [*chain, tq]:
+            graph.node.remove(n)
+        graph.node.append(node)
+        fused += 1
+    if fused:
+        topological_sort(graph)
+    return fused
 
 
 def remove_unused(graph: onnx.GraphProto) -> None:

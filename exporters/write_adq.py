@@ -20,7 +20,9 @@ their convolutions with channels_last = 1 (exporters.graph.to_channels_last): NH
 them, a Transpose where the activations enter (after the float first layer) and leave. Each
 downsampling shortcut is folded into the convolution whose output it adds
 (exporters.graph.fuse_shortcut): the kernel adds its 1x1 sums tile by tile, and the float
-tensor between the two is never written.
+tensor between the two is never written. The float first layer with its Relu and max pooling,
+up to the levels of the first quantized layer, becomes one ConvPoolQuant
+(exporters.graph.fuse_conv_pool_quant).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from .fold import FoldedLayer, FoldedModel
 from .graph import (
     drop_relu_before_thresholds,
     fold_constants,
+    fuse_conv_pool_quant,
     fuse_lut_conv,
     fuse_shortcut,
     to_channels_last,
@@ -133,7 +136,13 @@ def write_adq(
     if int_codebooks and channels_last:
         shortcuts = fuse_shortcut(model.graph, DOMAIN)
         layers = to_channels_last(model.graph, DOMAIN)
-        log.debug("adq: %d shortcuts fused, %d layers channels-last", shortcuts, layers)
+        stems = fuse_conv_pool_quant(model.graph, DOMAIN)
+        log.debug(
+            "adq: %d shortcuts fused, %d layers channels-last, %d first layers with pooling fused",
+            shortcuts,
+            layers,
+            stems,
+        )
     extra: dict = {"code_packing": "row-aligned, LSB-first bit stream"}
     if int_codebooks:
         extra.update(int_codebooks="true", snapping=snapping_report(folded))

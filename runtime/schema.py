@@ -117,6 +117,28 @@ OPS: tuple[OpDecl, ...] = (
         _CONV_ATTRS,
     ),
     OpDecl(
+        "ConvPoolQuant",
+        "Y = MaxPool([relu](Conv(X, W) + B)) channels last, Q = ThresholdQuant(Y, QScale, "
+        "QThresholds): a float first layer, its max pooling and the next layer's levels in one "
+        "pass.",
+        (
+            Param("X", "float"),
+            Param("W", "float"),
+            Param("B", "float", optional=True),
+            *_QUANT,
+        ),
+        (Param("Y", "float"), Param("Q", "uint8")),
+        (
+            Attr("kernel_shape", "ints"),
+            Attr("strides", "ints", (1, 1)),
+            Attr("pads", "ints", (0, 0, 0, 0)),
+            Attr("relu", "int", 0),
+            Attr("pool_kernel_shape", "ints", (1, 1)),
+            Attr("pool_strides", "ints", (1, 1)),
+            Attr("pool_pads", "ints", (0, 0, 0, 0)),
+        ),
+    ),
+    OpDecl(
         "LutGemm",
         "Y = Scale[m] * X @ Codebook[unpack(Codes)]^T + Bias[m] on uint8 levels X [N, K].",
         _LUT_INPUTS,
@@ -139,6 +161,7 @@ _ATTR_TYPES = {
 # with strict_mode=False): what they cannot tell is left unknown, and the kernels report errors.
 
 InferenceFunction = Callable[[onnx.shape_inference.InferenceContext], None]
+_WINDOW = ("kernel_shape", "strides", "pads", "dilations")
 Dim = onnx.TensorShapeProto.Dimension | int | None  # a dimension to copy, a value, or unknown
 
 
@@ -178,19 +201,27 @@ def _attr(ctx: onnx.shape_inference.InferenceContext, op: str, name: str):
     return attribute_defaults(op)[name] if a is None else onnx.helper.get_attribute_value(a)
 
 
-def _conv_out_hw(ctx: onnx.shape_inference.InferenceContext, op: str, hw) -> list[int | None]:
-    """OH, OW from the input's H, W dims and the attributes, where all are known and valid."""
-    values = [_attr(ctx, op, n) for n in ("kernel_shape", "strides", "pads", "dilations")]
+def _conv_out_hw(
+    ctx: onnx.shape_inference.InferenceContext, op: str, hw, names=_WINDOW
+) -> list[int | None]:
+    """OH, OW from the input's H, W dims (Dims or ints) and the window attributes ``names``
+    (kernel, strides, pads, dilations or None for 1), where all are known and valid."""
+    values = [_attr(ctx, op, n) if n else [1, 1] for n in names]
     lengths = [len(v) if isinstance(v, (list, tuple)) else -1 for v in values]
     k, s, p, d = values
     if lengths != [2, 2, 4, 2] or min(s) < 1:
         return [None, None]
     out: list[int | None] = []
     for i in range(2):
-        if not hw[i].HasField("dim_value"):
+        size_in = (
+            hw[i]
+            if isinstance(hw[i], int) or hw[i] is None
+            else (hw[i].dim_value if hw[i].HasField("dim_value") else None)
+        )
+        if size_in is None:
             out.append(None)
             continue
-        size = (hw[i].dim_value + p[i] + p[i + 2] - d[i] * (k[i] - 1) - 1) // s[i] + 1
+        size = (size_in + p[i] + p[i + 2] - d[i] * (k[i] - 1) - 1) // s[i] + 1
         out.append(size if size >= 1 else None)
     return out
 
@@ -224,6 +255,20 @@ def _infer_lut_conv(ctx: onnx.shape_inference.InferenceContext, op: str) -> None
         _set_output(ctx, dtype, dims, index)
 
 
+def _infer_conv_pool_quant(ctx: onnx.shape_inference.InferenceContext) -> None:
+    """Y (float) and Q (uint8): [N, PH, PW, M], N from X, M = W.shape[0], PH / PW through the
+    convolution and the pooling window."""
+    op = "ConvPoolQuant"
+    x, w = _input_dims(ctx, 0, 4), _input_dims(ctx, 1, 4)
+    hw: list[int | None] = [None, None]
+    if x is not None:
+        hw = _conv_out_hw(ctx, op, x[2:], ("kernel_shape", "strides", "pads", None))
+        hw = _conv_out_hw(ctx, op, hw, ("pool_kernel_shape", "pool_strides", "pool_pads", None))
+    dims: list[Dim] = [x and x[0], *hw, w and w[0]]
+    for index, p in enumerate(OPS_BY_NAME[op].outputs[: ctx.get_num_outputs()]):
+        _set_output(ctx, p.dtype, dims, index)
+
+
 def _infer_lut_gemm(ctx: onnx.shape_inference.InferenceContext) -> None:
     """Y: float [N, M], N from X, M = Codes.shape[0]."""
     x, codes = _input_dims(ctx, 0, 2), _input_dims(ctx, 1, 2)
@@ -236,6 +281,7 @@ _INFERENCE: dict[str, InferenceFunction] = {
     "LutConv": partial(_infer_lut_conv, op="LutConv"),
     "LutConvQuant": partial(_infer_lut_conv, op="LutConvQuant"),
     "LutGemm": _infer_lut_gemm,
+    "ConvPoolQuant": _infer_conv_pool_quant,
 }
 
 

@@ -17,6 +17,7 @@ from exporters.graph import (
     Fusions,
     drop_relu_before_thresholds,
     fold_constants,
+    fuse_conv_pool_quant,
     fuse_lut_conv,
     fuse_shortcut,
     known_shapes,
@@ -24,6 +25,7 @@ from exporters.graph import (
 )
 from runtime.packing import pack_rows
 from runtime.reference import run_reference
+from runtime.reference.op_threshold_quant import quantize
 from runtime.schema import DOMAIN, VERSION, register_onnx_schemas
 
 
@@ -623,3 +625,98 @@ def test_shortcut_folds_into_the_convolution_it_adds_to():
         x = feeds(model)
         x["x2"] = np.random.default_rng(7).integers(0, 4, (2, C, 2 * H - 1, 2 * H)).astype(np.uint8)
         assert_same(run_reference(model, x), run_reference(after, x))
+
+
+def stem_model(relu=True, pool=True, **change):
+    """x -> Conv (constant W, B) [-> Relu] [-> MaxPool] -> Transpose to NHWC -> ThresholdQuant,
+    the NHWC tensor also read by a Neg (as the first residual block reads it). ``change``:
+    conv_attrs / pool_attrs updates, w_input (W a graph input), extra ("z" also a graph output),
+    perm, second_quantizer."""
+    rng = np.random.default_rng(8)
+    conv_attrs = {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1]}
+    conv_attrs.update(change.get("conv_attrs", {}))
+    inits = [
+        numpy_helper.from_array(
+            rng.normal(size=(16, 3 // conv_attrs.get("group", 1), 3, 3)).astype(np.float32), "w"
+        ),
+        numpy_helper.from_array(rng.normal(size=16).astype(np.float32), "b"),
+        numpy_helper.from_array(np.array([1.5], np.float32), "s"),
+        numpy_helper.from_array(np.array([0.5, 4.0, 9.0], np.float32), "t"),
+    ]
+    inputs = [oh.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 17, 15])]
+    if change.get("w_input"):
+        inputs.append(oh.make_tensor_value_info("w", TensorProto.FLOAT, [16, 3, 3, 3]))
+        inits = inits[1:]
+    nodes = [oh.make_node("Conv", ["x", "w", "b"], ["z"], name="conv1", **conv_attrs)]
+    v = "z"
+    if relu:
+        nodes.append(oh.make_node("Relu", [v], ["r"]))
+        v = "r"
+    if pool:
+        attrs = {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1]}
+        attrs.update(change.get("pool_attrs", {}))
+        nodes.append(oh.make_node("MaxPool", [v], ["p"], **attrs))
+        v = "p"
+    nodes.append(oh.make_node("Transpose", [v], ["h"], perm=change.get("perm", [0, 2, 3, 1])))
+    nodes.append(oh.make_node("ThresholdQuant", ["h", "s", "t"], ["q"], domain=DOMAIN))
+    nodes.append(oh.make_node("Neg", ["h"], ["n"]))
+    outputs = [
+        oh.make_tensor_value_info("q", TensorProto.UINT8, [None] * 4),
+        oh.make_tensor_value_info("n", TensorProto.FLOAT, [None] * 4),
+    ]
+    if change.get("second_quantizer"):
+        nodes.append(oh.make_node("ThresholdQuant", ["h", "s", "t"], ["q2"], domain=DOMAIN))
+        outputs.append(oh.make_tensor_value_info("q2", TensorProto.UINT8, [None] * 4))
+    if change.get("extra"):
+        outputs.append(oh.make_tensor_value_info("z", TensorProto.FLOAT, [None] * 4))
+    graph = oh.make_graph(nodes, "stem", inputs, outputs, inits)
+    opsets = [oh.make_opsetid("", 18), oh.make_opsetid(DOMAIN, VERSION)]
+    return oh.make_model(graph, opset_imports=opsets)
+
+
+@pytest.mark.parametrize("relu, pool", [(True, True), (True, False), (False, True), (False, False)])
+def test_first_layer_and_pooling_become_conv_pool_quant(relu, pool):
+    """fuse_conv_pool_quant: Conv [-> Relu] [-> MaxPool] -> Transpose -> ThresholdQuant is one
+    ConvPoolQuant writing the NHWC tensor (still read by the Neg) and the levels: the same
+    outputs (the float sum's rounding aside; the levels of the new float output exactly)."""
+    model = stem_model(relu, pool)
+    after = copy.deepcopy(model)
+    assert fuse_conv_pool_quant(after.graph, DOMAIN) == 1
+    register_onnx_schemas()
+    onnx.checker.check_model(after, full_check=True)
+    assert ops(after) == ["ConvPoolQuant", "Neg"]
+    node = after.graph.node[0]
+    assert list(node.input) == ["x", "w", "b", "s", "t"] and list(node.output) == ["h", "q"]
+    attrs = {a.name: oh.get_attribute_value(a) for a in node.attribute}
+    assert attrs["relu"] == int(relu) and list(attrs["strides"]) == [2, 2]
+    assert ("pool_kernel_shape" in attrs) == pool
+    x = {"x": np.random.default_rng(9).normal(size=(2, 3, 17, 15)).astype(np.float32)}
+    (q0, n0), (q1, n1) = run_reference(model, x), run_reference(after, x)
+    assert n1.shape == n0.shape and q1.shape == q0.shape
+    np.testing.assert_allclose(n1, n0, rtol=0, atol=1e-5 * np.abs(n0).max())
+    np.testing.assert_array_equal(
+        q1, quantize(-n1, np.float32(1.5), np.array([0.5, 4.0, 9.0], np.float32))
+    )
+    assert (q1 != q0).mean() < 1e-3 and len(np.unique(q1)) >= 3
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"extra": True},  # the convolution's output is read elsewhere
+        {"pool_attrs": {"ceil_mode": 1}},
+        {"pool_attrs": {"dilations": [2, 2]}},
+        {"pool_attrs": {"pads": [3, 0, 0, 0], "kernel_shape": [3, 3]}},
+        {"conv_attrs": {"dilations": [2, 2]}},
+        {"conv_attrs": {"group": 3}},
+        {"w_input": True},  # the weight is not a constant
+        {"perm": [0, 3, 2, 1]},
+        {"second_quantizer": True},
+    ],
+    ids=str,
+)
+def test_conv_pool_quant_refuses_what_it_does_not_compute(change):
+    model = stem_model(**change)
+    after = copy.deepcopy(model)
+    assert fuse_conv_pool_quant(after.graph, DOMAIN) == 0
+    assert after == model

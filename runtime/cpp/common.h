@@ -302,7 +302,8 @@ float* ThreadScratch(int64_t n) {
 }
 enum ScratchTag {
   kConvWeights, kConvInput, kConvRow, kConvTile, kConvPhaseRows,
-  kGemmX, kGemmRow, kGemmWeights, kGemmTile
+  kGemmX, kGemmRow, kGemmWeights, kGemmTile,
+  kPoolInput, kPoolRing
 };
 
 // Rough number of tasks worth splitting work into (a granularity hint, not a thread count).
@@ -370,5 +371,6 @@ const OrtCustomOp* LutDequantOp();
 const OrtCustomOp* LutConvOp();
 const OrtCustomOp* LutConvQuantOp();
 const OrtCustomOp* LutGemmOp();
+const OrtCustomOp* ConvPoolQuantOp();
 
 }  // namespace adq

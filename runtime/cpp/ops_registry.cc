@@ -18,6 +18,7 @@ constexpr OpFactory kOps[] = {
     LutDequantOp,
     LutConvOp,
     LutConvQuantOp,
+    ConvPoolQuantOp,
     LutGemmOp,
 };
 

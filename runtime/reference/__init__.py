@@ -13,13 +13,14 @@ import numpy as np
 import onnx
 from onnx.reference import ReferenceEvaluator
 
+from runtime.reference.op_conv_pool_quant import ConvPoolQuant
 from runtime.reference.op_lut_conv import LutConv
 from runtime.reference.op_lut_conv_quant import LutConvQuant
 from runtime.reference.op_lut_dequant import LutDequant
 from runtime.reference.op_lut_gemm import LutGemm
 from runtime.reference.op_threshold_quant import ThresholdQuant
 
-ALL_OPS = [ThresholdQuant, LutDequant, LutConv, LutConvQuant, LutGemm]
+ALL_OPS = [ThresholdQuant, LutDequant, LutConv, LutConvQuant, ConvPoolQuant, LutGemm]
 
 
 def evaluator(model_or_path: onnx.ModelProto | str | os.PathLike) -> ReferenceEvaluator:
@@ -39,6 +40,7 @@ def run_reference(
 
 __all__ = [
     "ALL_OPS",
+    "ConvPoolQuant",
     "LutConv",
     "LutConvQuant",
     "LutDequant",

@@ -17,6 +17,7 @@ _OUTPUT_RANK = {
     "LutConv": lambda inputs, attrs: 4,
     "LutConvQuant": lambda inputs, attrs: 4,
     "LutGemm": lambda inputs, attrs: 2,
+    "ConvPoolQuant": lambda inputs, attrs: 4,
 }
 
 

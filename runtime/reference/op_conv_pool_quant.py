@@ -1,0 +1,113 @@
+"""ConvPoolQuant: a float convolution (+ bias, optional ReLU), max pooling, the result written
+channels last as Y and its ThresholdQuant levels as Q (docs/onnx-ops.md)."""
+
+from __future__ import annotations
+
+import numpy as np
+from onnx.reference.op_run import OpRun
+
+from runtime.reference._common import check_flag, check_ints, check_tensor
+from runtime.reference.op_lut_conv import _im2col
+from runtime.reference.op_threshold_quant import check_quant_params, quantize
+from runtime.schema import DOMAIN, attribute_defaults
+
+_DEFAULTS = attribute_defaults("ConvPoolQuant")
+
+
+def _out_size(size: int, kernel: int, stride: int, before: int, after: int) -> int:
+    return (size + before + after - kernel) // stride + 1
+
+
+def max_pool(z: np.ndarray, kernel, strides, pads) -> np.ndarray:
+    """ONNX MaxPool of NCHW ``z`` (ceil_mode 0): padding never wins (-inf)."""
+    (kh, kw), (sh, sw), (top, left, bottom, right) = kernel, strides, pads
+    zp = np.pad(z, ((0, 0), (0, 0), (top, bottom), (left, right)), constant_values=-np.inf)
+    ph = _out_size(z.shape[2], kh, sh, top, bottom)
+    pw = _out_size(z.shape[3], kw, sw, left, right)
+    cols = _im2col(zp, (kh, kw), (sh, sw), (1, 1), (ph, pw))  # [N, C, kH, kW, PH, PW]
+    return cols.max(axis=(2, 3))
+
+
+def conv_pool(
+    op: str,
+    X,
+    W,
+    B,
+    *,
+    kernel_shape,
+    strides,
+    pads,
+    relu,
+    pool_kernel_shape,
+    pool_strides,
+    pool_pads,
+) -> np.ndarray:
+    """ConvPoolQuant's Y (float32 ``[N, PH, PW, M]``), validated; ``op`` names the caller."""
+    kh, kw = check_ints(op, "kernel_shape", kernel_shape, 2, 1)
+    strides = check_ints(op, "strides", strides, 2, 1)
+    top, left, bottom, right = check_ints(op, "pads", pads, 4, 0)
+    relu = check_flag(op, "relu", relu)
+    pool_kernel = check_ints(op, "pool_kernel_shape", pool_kernel_shape, 2, 1)
+    pool_strides = check_ints(op, "pool_strides", pool_strides, 2, 1)
+    pool_pads = check_ints(op, "pool_pads", pool_pads, 4, 0)
+    if max(pool_kernel) > 64:
+        raise ValueError(f"{op}: attribute pool_kernel_shape entries must be <= 64")
+    for d in range(2):
+        if max(pool_pads[d], pool_pads[d + 2]) >= pool_kernel[d]:
+            raise ValueError(f"{op}: attribute pool_pads must be below pool_kernel_shape")
+    X = check_tensor(op, "X", X, "float", 4)
+    W = check_tensor(op, "W", W, "float", 4)
+    n, c, h, w = X.shape
+    m = W.shape[0]
+    if W.shape[1:] != (c, kh, kw) or m < 1:
+        raise ValueError(f"{op}: W must have shape [M, {c}, {kh}, {kw}], got {list(W.shape)}")
+    if B is not None:
+        B = check_tensor(op, "B", B, "float", 1)
+        if B.shape != (m,):
+            raise ValueError(f"{op}: B must have shape [{m}], got {list(B.shape)}")
+    sh, sw = strides
+    oh = _out_size(h, kh, sh, top, bottom)
+    ow = _out_size(w, kw, sw, left, right)
+    if oh < 1 or ow < 1:
+        raise ValueError(f"{op}: empty convolution output {oh}x{ow}")
+    ph = _out_size(oh, pool_kernel[0], pool_strides[0], pool_pads[0], pool_pads[2])
+    pw = _out_size(ow, pool_kernel[1], pool_strides[1], pool_pads[1], pool_pads[3])
+    if ph < 1 or pw < 1:
+        raise ValueError(f"{op}: empty pooled output {ph}x{pw}")
+
+    xp = np.pad(X, ((0, 0), (0, 0), (top, bottom), (left, right))).astype(np.float64)
+    cols = _im2col(xp, (kh, kw), strides, (1, 1), (oh, ow)).reshape(n, c * kh * kw, oh * ow)
+    acc = np.matmul(W.astype(np.float64).reshape(m, -1)[None], cols).reshape(n, m, oh, ow)
+    z = acc.astype(np.float32)  # the float64 sum rounded once
+    if B is not None:
+        z = z + B.reshape(1, m, 1, 1)  # one float32 addition, as Conv's bias
+    if relu:
+        z = np.maximum(z, np.float32(0))
+    y = max_pool(z, pool_kernel, pool_strides, pool_pads)
+    return np.ascontiguousarray(y.transpose(0, 2, 3, 1), dtype=np.float32)
+
+
+class ConvPoolQuant(OpRun):
+    op_domain = DOMAIN
+
+    def _run(
+        self,
+        X,
+        W,
+        B,
+        QScale,
+        QThresholds,
+        kernel_shape=_DEFAULTS["kernel_shape"],
+        strides=_DEFAULTS["strides"],
+        pads=_DEFAULTS["pads"],
+        relu=_DEFAULTS["relu"],
+        pool_kernel_shape=_DEFAULTS["pool_kernel_shape"],
+        pool_strides=_DEFAULTS["pool_strides"],
+        pool_pads=_DEFAULTS["pool_pads"],
+    ):
+        op = "ConvPoolQuant"
+        quant = check_quant_params(op, QScale, QThresholds, ("QScale", "QThresholds"))
+        attrs = dict(kernel_shape=kernel_shape, strides=strides, pads=pads, relu=relu)
+        attrs.update(pool_kernel_shape=pool_kernel_shape, pool_strides=pool_strides)
+        y = conv_pool(op, X, W, B, pool_pads=pool_pads, **attrs)
+        return y, quantize(y, *quant)
