@@ -124,7 +124,7 @@ def standard_ops_model(inputs, attrs):
     x = oh.make_tensor_value_info("X", TensorProto.FLOAT, list(inputs["X"].shape))
     y = oh.make_tensor_value_info("Y", TensorProto.FLOAT, None)
     graph = oh.make_graph(nodes, "standard", [x], [y], inits)
-    return oh.make_model(graph, opset_imports=[oh.make_opsetid("", 18)])
+    return oh.make_model(graph, opset_imports=[oh.make_opsetid("", 18)], ir_version=8)
 
 
 def test_reference_is_the_standard_ops_composed():
