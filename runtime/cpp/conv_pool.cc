@@ -65,20 +65,27 @@ __attribute__((target("avx512f"))) void TileAvx512(const float* x, const int32_t
                                                    int64_t sW, const float* w, const float* bias,
                                                    bool relu, float* out, int64_t M) {
   __m512 acc[MB][NQ];
+  #pragma GCC unroll 8
   for (int m = 0; m < MB; ++m)
+    #pragma GCC unroll 8
     for (int q = 0; q < NQ; ++q) acc[m][q] = _mm512_setzero_ps();
   for (int64_t k = 0; k < R; ++k) {
     const float* xk = x + off[k];
     __m512 wv[MB];
+    #pragma GCC unroll 8
     for (int m = 0; m < MB; ++m) wv[m] = _mm512_loadu_ps(w + (k * MB + m) * kLanes);
+    #pragma GCC unroll 8
     for (int q = 0; q < NQ; ++q) {
       const __m512 b = _mm512_set1_ps(xk[q * sW]);
+      #pragma GCC unroll 8
       for (int m = 0; m < MB; ++m) acc[m][q] = _mm512_fmadd_ps(wv[m], b, acc[m][q]);
     }
   }
   const __m512 zero = _mm512_setzero_ps();
+  #pragma GCC unroll 8
   for (int m = 0; m < MB; ++m) {
     const __m512 bv = bias ? _mm512_loadu_ps(bias + m * kLanes) : zero;
+    #pragma GCC unroll 8
     for (int q = 0; q < NQ; ++q) {
       __m512 v = _mm512_add_ps(acc[m][q], bv);
       if (relu) v = _mm512_max_ps(v, zero);
@@ -124,20 +131,27 @@ __attribute__((target("avx2,fma"))) void TileAvx2(const float* x, const int32_t*
                                                   int64_t sW, const float* w, const float* bias,
                                                   bool relu, float* out, int64_t M) {
   __m256 acc[MB][NQ];
+  #pragma GCC unroll 8
   for (int m = 0; m < MB; ++m)
+    #pragma GCC unroll 8
     for (int q = 0; q < NQ; ++q) acc[m][q] = _mm256_setzero_ps();
   for (int64_t k = 0; k < R; ++k) {
     const float* xk = x + off[k];
     __m256 wv[MB];
+    #pragma GCC unroll 8
     for (int m = 0; m < MB; ++m) wv[m] = _mm256_loadu_ps(w + (k * MB + m) * kLanes2);
+    #pragma GCC unroll 8
     for (int q = 0; q < NQ; ++q) {
       const __m256 b = _mm256_broadcast_ss(xk + q * sW);
+      #pragma GCC unroll 8
       for (int m = 0; m < MB; ++m) acc[m][q] = _mm256_fmadd_ps(wv[m], b, acc[m][q]);
     }
   }
   const __m256 zero = _mm256_setzero_ps();
+  #pragma GCC unroll 8
   for (int m = 0; m < MB; ++m) {
     const __m256 bv = bias ? _mm256_loadu_ps(bias + m * kLanes2) : zero;
+    #pragma GCC unroll 8
     for (int q = 0; q < NQ; ++q) {
       __m256 v = _mm256_add_ps(acc[m][q], bv);
       if (relu) v = _mm256_max_ps(v, zero);
