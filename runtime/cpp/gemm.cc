@@ -62,6 +62,9 @@ __attribute__((target("avx2,fma"))) void KernelAvx2(int64_t kc, const float* a, 
     }
   } else {
     alignas(32) float t[16];
+    // Unrolled like every loop over c0 / c1: one that is not makes GCC keep the accumulators in
+    // memory, a store per FMA in the loop above (half the speed).
+#pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       _mm256_store_ps(t, c0[r]);
       _mm256_store_ps(t + 8, c1[r]);
