@@ -148,8 +148,8 @@ def fuse_residual_relu(model: onnx.ModelProto, domain: str) -> tuple[int, int]:
             continue
         reader = _sole_reader(graph, lut.output[0], outputs)
         residual = None if reader is None else _residual_of(reader, lut.output[0], shapes)
-        if residual is not None and not (len(lut.input) > 5 and lut.input[5]):
-            _set_input(lut, 5, residual)
+        if residual is not None and not _residual(lut):
+            _set_input(lut, _input_index(lut.op_type, "Residual"), residual)
             lut.output[0] = reader.output[0]
             graph.node.remove(reader)
             adds += 1
@@ -175,7 +175,8 @@ def _quantizes(node: onnx.NodeProto, y: str, domain: str) -> bool:
 
 def _has_levels(lut: onnx.NodeProto) -> bool:
     """Whether a LutConv lists its second output Q (or its inputs QScale, QThresholds)."""
-    return any(lut.output[1:]) or any(lut.input[6:])
+    q = _input_index(lut.op_type, "QScale")
+    return any(lut.output[1:]) or any(lut.input[q : q + 2])
 
 
 def _upstream(graph: onnx.GraphProto, values: list[str]) -> set[str]:
@@ -335,9 +336,20 @@ def _padded(names, n: int) -> list[str]:
     return list(names[:n]) + [""] * (n - len(names[:n]))
 
 
+def _input_index(op_type: str, name: str) -> int:
+    """The position of input ``name`` of an ai.adq op, as runtime/schema.py declares it (LutConv
+    and LutConvQuant: Residual 5, QScale 6; ShortcutX 8 and 10)."""
+    return [p.name for p in OPS_BY_NAME[op_type].inputs].index(name)
+
+
 def _shortcut_index(node: onnx.NodeProto) -> int:
-    """Where a LutConv's (8) or LutConvQuant's (10) shortcut inputs start (runtime/schema.py)."""
-    return [p.name for p in OPS_BY_NAME[node.op_type].inputs].index("ShortcutX")
+    """Where a LutConv's or LutConvQuant's shortcut inputs start."""
+    return _input_index(node.op_type, "ShortcutX")
+
+
+def _residual(node: onnx.NodeProto) -> str:
+    """A LutConv's or LutConvQuant's Residual input ("" when absent)."""
+    return _padded(node.input, _input_index(node.op_type, "Residual") + 1)[-1]
 
 
 def _is_shortcut_conv(node: onnx.NodeProto, domain: str) -> bool:
@@ -350,8 +362,7 @@ def _is_shortcut_conv(node: onnx.NodeProto, domain: str) -> bool:
         and not any(_attr(node, "pads", [0] * 4))
         and _attr(node, "dilations", [1, 1]) == [1, 1]
         and _attr(node, "group", 1) == 1
-        and len(node.input) > 5
-        and node.input[5] != ""
+        and _residual(node) != ""
         and not any(node.input[_shortcut_index(node) :])
     )
 
@@ -365,14 +376,14 @@ def fuse_shortcut(graph: onnx.GraphProto, domain: str) -> int:
     outputs = {o.name for o in graph.output}
     fused = 0
     for b in [n for n in graph.node if _is_shortcut_conv(n, domain)]:
-        r = b.input[5]
+        r = _residual(b)
         producers = [n for n in graph.node if r in n.output]
         a = producers[0] if producers else None
         if (
             a is None
             or not _is(a, "LutConv", (domain,))
             or list(a.output) != [r]
-            or any(a.input[5:])
+            or any(a.input[_input_index(a.op_type, "Residual") :])
             or _attr(a, "relu", 0)
             or _attr(a, "channels_last", 0) != _attr(b, "channels_last", 0)
             or r in outputs
@@ -380,11 +391,11 @@ def fuse_shortcut(graph: onnx.GraphProto, domain: str) -> int:
             or list(b.input).count(r) != 1
         ):
             continue
-        k = _shortcut_index(b)
-        head = _padded(a.input[:5], 5)  # X, Codes, Codebook, Scale, Bias
-        quant = _padded(b.input[:k], k)[6:]  # B's quantizer inputs
+        k, res = _shortcut_index(b), _input_index(b.op_type, "Residual")
+        head = _padded(a.input, res)  # X, Codes, Codebook, Scale, Bias
+        quant = _padded(b.input, k)[res + 1 :]  # B's quantizer inputs
         a.op_type = b.op_type
-        a.input[:] = [*head, "", *quant, *_padded(b.input[:5], 5)]
+        a.input[:] = [*head, "", *quant, *_padded(b.input, res)]
         while a.input and a.input[-1] == "":
             del a.input[-1]
         _set_attr(a, "relu", _attr(b, "relu", 0))
@@ -455,8 +466,8 @@ def to_channels_last(graph: onnx.GraphProto, domain: str) -> int:
     entering: dict[str, str] = {}
     for i in sorted(inside):
         n = nodes[i]
-        # X, Residual and ShortcutX
-        for k in (0, 5, _shortcut_index(n)) if n.op_type in _CONVS else (0,):
+        entries = ("X", "Residual", "ShortcutX") if n.op_type in _CONVS else ("X",)
+        for k in (_input_index(n.op_type, entry) for entry in entries):
             name = n.input[k] if k < len(n.input) else ""
             if name and name not in produced:
                 if name not in entering:
