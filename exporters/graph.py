@@ -197,7 +197,9 @@ def _upstream(graph: onnx.GraphProto, values: list[str]) -> set[str]:
 def _can_merge(
     graph: onnx.GraphProto, lut: onnx.NodeProto, tqs: list[onnx.NodeProto], outputs: set[str]
 ) -> bool:
-    """Whether ``_merge_quantizers`` would merge ``tqs`` into ``lut``."""
+    """Whether ``_merge_quantizers`` may merge ``tqs`` into ``lut``: there are some, their Scale
+    and Thresholds are the same and not computed from ``lut`` (a cycle once they are its inputs),
+    and at most one of their levels is a graph output."""
     if not tqs or len({tuple(t.input[1:]) for t in tqs}) != 1:
         return False
     if set(lut.output) & _upstream(graph, list(tqs[0].input[1:])):
@@ -207,14 +209,10 @@ def _can_merge(
 
 def _merge_quantizers(
     graph: onnx.GraphProto, lut: onnx.NodeProto, tqs: list[onnx.NodeProto], outputs: set[str]
-) -> tuple[str, str, str] | None:
-    """Remove the ThresholdQuant nodes ``tqs`` of ``lut``'s output and rewire the readers of
-    their levels to one of them (the graph output, if one is); (levels, Scale, Thresholds) to
-    give ``lut``. None, with nothing changed, when there are none, when their Scale and
-    Thresholds differ or are computed from ``lut`` (a cycle once they are its inputs), or when
-    more than one of their levels is a graph output."""
-    if not _can_merge(graph, lut, tqs, outputs):
-        return None
+) -> tuple[str, str, str]:
+    """Remove the ThresholdQuant nodes ``tqs`` of ``lut``'s output, which ``_can_merge`` allows,
+    and rewire the readers of their levels to one of them (the graph output, if one is);
+    (levels, Scale, Thresholds) to give ``lut``."""
     qscale, qthresholds = tqs[0].input[1:]
     levels = [t.output[0] for t in tqs]
     public = [q for q in levels if q in outputs]
@@ -266,9 +264,9 @@ def fuse_threshold_quant(graph: onnx.GraphProto, domain: str) -> int:
         merged = [_merge_quantizers(graph, lut, tqs, outputs) for tqs in groups.values()]
         lut.op_type = "LutConvQuant"
         del lut.output[:]
-        for i, (q, qscale, qthresholds) in enumerate(merged):  # Q (inputs 6, 7), Q2 (8, 9)
-            _set_input(lut, 6 + 2 * i, qscale)
-            _set_input(lut, 7 + 2 * i, qthresholds)
+        for (q, qscale, qthresholds), suffix in zip(merged, ("", "2")[: len(merged)], strict=True):
+            _set_input(lut, _input_index(lut.op_type, f"QScale{suffix}"), qscale)
+            _set_input(lut, _input_index(lut.op_type, f"QThresholds{suffix}"), qthresholds)
             lut.output.append(q)
         fused += 1
     topological_sort(graph)
@@ -292,12 +290,11 @@ def fuse_level_output(graph: onnx.GraphProto, domain: str) -> int:
             continue  # nothing needs the float y: fuse_threshold_quant's case
         # Quantizers with other parameters (a downsampling block's shortcut) keep reading y.
         tqs = max(groups.values(), key=len, default=[])
-        merged = _merge_quantizers(graph, lut, tqs, outputs)
-        if merged is None:
+        if not _can_merge(graph, lut, tqs, outputs):
             continue
-        q, qscale, qthresholds = merged
-        _set_input(lut, 6, qscale)
-        _set_input(lut, 7, qthresholds)
+        q, qscale, qthresholds = _merge_quantizers(graph, lut, tqs, outputs)
+        _set_input(lut, _input_index(lut.op_type, "QScale"), qscale)
+        _set_input(lut, _input_index(lut.op_type, "QThresholds"), qthresholds)
         del lut.output[1:]
         lut.output.append(q)
         fused += 1
