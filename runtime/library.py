@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -143,6 +144,25 @@ def installed_onnxruntime() -> tuple[int, int]:
     return major, minor
 
 
+def ort_message(error: BaseException) -> str:
+    """The reason in an onnxruntime error, on one line: its last line without the
+    "[ONNXRuntimeError] : 1 : FAIL : " prefix and the C++ source location and function
+    signature that precede the text."""
+    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+    text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", lines[-1] if lines else repr(error))
+    where = re.search(r"\S+\.(?:cc|cpp|h):\d+ ", text)
+    if where is None:
+        return text
+    # Skip the signature after the location: up to the parenthesis that closes its first one.
+    depth, i = 0, text.find("(", where.end())
+    while 0 <= i < len(text):
+        depth += {"(": 1, ")": -1}.get(text[i], 0)
+        i += 1
+        if depth == 0:
+            return (text[: where.start()] + text[i:].strip()).strip() or text
+    return text
+
+
 def make_session(
     path: str | os.PathLike, fmt: str, threads: int | None = None
 ) -> ort.InferenceSession:
@@ -163,8 +183,7 @@ def make_session(
     except Exception as e:
         if not type(e).__module__.startswith("onnxruntime"):
             raise
-        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        msg = f"onnxruntime {ort.__version__} cannot load {path}: {lines[-1] if lines else e!r}"
+        msg = f"onnxruntime {ort.__version__} cannot load {path}: {ort_message(e)}"
         try:
             need = oldest_onnxruntime(onnx.load(str(path), load_external_data=False))
         except Exception:  # noqa: BLE001 - the load error above is the one to report
@@ -176,6 +195,7 @@ def make_session(
 
 __all__ = [
     "make_session",
+    "ort_message",
     "oldest_onnxruntime",
     "installed_onnxruntime",
     "ENV_LIBRARY",

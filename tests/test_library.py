@@ -7,7 +7,7 @@ import onnx.helper as oh
 import pytest
 
 from runtime import library
-from runtime.library import make_session, oldest_onnxruntime
+from runtime.library import make_session, oldest_onnxruntime, ort_message
 
 
 def _model(ops: list[str], opsets: dict[str, int], ir_version: int = 8) -> onnx.ModelProto:
@@ -49,9 +49,29 @@ def test_a_model_onnxruntime_cannot_load_is_one_value_error_line(tmp_path, monke
         make_session(path, "standard")
     msg = str(info.value)
     assert "\n" not in msg and "cannot load" in msg and str(path) in msg
+    assert "IR version: 99" in msg  # onnxruntime's reason, without its C++ location
+    assert "[ONNXRuntimeError]" not in msg and ".cc:" not in msg and "::" not in msg
     assert "needs onnxruntime" not in msg  # 1.18 would do: not a version problem
     # The same failure where the installed onnxruntime is older than the export needs.
     onnx.save(_model(["Relu"], {"": 25}, ir_version=99), path)
     monkeypatch.setattr(library, "installed_onnxruntime", lambda: (1, 21))
     with pytest.raises(ValueError, match=r"needs onnxruntime >= 1\.24 \(docs/export\.md\)$"):
         make_session(path, "standard")
+
+
+@pytest.mark.parametrize(
+    "raw, reason",
+    [
+        (
+            "[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : Failed to load model with error: "
+            "/src/core/graph/model.cc:180 onnxruntime::Model::Model(onnx::ModelProto&&, "
+            "const std::map<std::string, int>&) Unsupported model IR version: 13 (max 10)",
+            "Failed to load model with error: Unsupported model IR version: 13 (max 10)",
+        ),
+        ("first line\n[ONNXRuntimeError] : 1 : FAIL : no location here", "no location here"),
+        ("/x.h:3 f(unclosed", "/x.h:3 f(unclosed"),  # not a signature: kept as it is
+        ("plain", "plain"),
+    ],
+)
+def test_ort_message_keeps_the_reason(raw, reason):
+    assert ort_message(RuntimeError(raw)) == reason
