@@ -227,6 +227,10 @@ ERROR_CASES = {
     "strides 0": (_with(strides=[0, 1]), "'strides' must be 2 positive ints"),
     "negative pad": (_with(pads=[0, -1, 0, 0]), "'pads' must be 4 non-negative ints"),
     "relu 2": (_with(relu=2), "'relu' must be 0 or 1"),
+    "X too large for int32 offsets (no images)": (
+        _with(X=np.zeros((0, 3, 30000, 30000), np.float32)),
+        "X is too large",
+    ),
     "kernel_shape missing": (
         (_ok()[0], {"pool_kernel_shape": [2, 2]}),
         "missing required attribute 'kernel_shape'",

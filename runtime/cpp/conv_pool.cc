@@ -378,10 +378,12 @@ struct ConvPoolQuant {
     const Shape yshape{g.N, g.PH, g.PW, g.M};
     float* y = ctx.GetOutput(0, yshape).GetTensorMutableData<float>();
     uint8_t* q = ctx.GetOutput(1, yshape).GetTensorMutableData<uint8_t>();
+    // The taps' offsets into a band of padded input rows are int32 (at most C * Hp * Wp).
+    Check(CheckedMul(CheckedMul(g.C, Hp, "input size"), Wp, "input size") < (int64_t{1} << 31),
+          "X is too large: C * padded H * padded W must stay below 2^31");
     if (NumElements(yshape) == 0) return;
 
     const int64_t R = CheckedMul(CheckedMul(g.C, g.kH, "R"), g.kW, "R");
-    Check(R * g.sW < (int64_t{1} << 30), "kernel too large");
     Path path = Path::kScalar;
     if (isa_ == Isa::kAvx512 && g.M % kLanes == 0) {
       path = Path::kAvx512;

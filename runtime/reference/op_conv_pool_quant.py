@@ -65,6 +65,8 @@ def conv_pool(
         B = check_tensor(op, "B", B, "float", 1)
         if B.shape != (m,):
             raise ValueError(f"{op}: B must have shape [{m}], got {list(B.shape)}")
+    if c * (h + top + bottom) * (w + left + right) >= 1 << 31:
+        raise ValueError(f"{op}: X is too large: C * padded H * padded W must stay below 2^31")
     sh, sw = strides
     oh = _out_size(h, kh, sh, top, bottom)
     ow = _out_size(w, kw, sw, left, right)
