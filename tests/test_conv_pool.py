@@ -144,7 +144,7 @@ def test_reference_is_the_standard_ops_composed():
 
 def test_kernel_matches_reference(library):
     rng = np.random.default_rng(2)
-    cases = [random_case(rng) for _ in range(250)]
+    cases = [random_case(rng) for _ in range(600)]
     cases += [random_case(rng, n=1, stem=True), random_case(rng, n=3, stem=True)]
     check_against_reference(session_options(2), cases)
 
@@ -162,7 +162,7 @@ def test_kernel_single_thread_and_bands(library):
 def test_other_isa_paths_match_reference(isa, library, monkeypatch):
     monkeypatch.setenv("ADQ_ISA", isa)
     rng = np.random.default_rng(4)
-    cases = [random_case(rng) for _ in range(60)] + [random_case(rng, stem=True)]
+    cases = [random_case(rng) for _ in range(200)] + [random_case(rng, stem=True)]
     check_against_reference(session_options(2), cases)
 
 
