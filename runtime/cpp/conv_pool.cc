@@ -12,7 +12,6 @@
 #include <algorithm>
 #include <array>
 #include <utility>
-#include <limits>
 #include <vector>
 
 #include "common.h"
