@@ -20,6 +20,7 @@ from pathlib import Path
 
 import onnx
 import onnxruntime as ort
+from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 
 ENV_LIBRARY = "ADQ_OPS_LIBRARY"
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -119,6 +120,11 @@ def session_options(
     return so
 
 
+# onnxruntime's own exception classes (Fail, InvalidArgument, ...; none is a RuntimeError).
+ORT_ERRORS: tuple[type[Exception], ...] = tuple(
+    v for v in vars(_ort_state).values() if isinstance(v, type) and issubclass(v, Exception)
+)
+
 INTEGER_OPS = frozenset({"ConvInteger", "MatMulInteger"})
 
 
@@ -180,9 +186,7 @@ def make_session(
             opts.intra_op_num_threads = int(threads)
     try:
         return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    except Exception as e:
-        if not type(e).__module__.startswith("onnxruntime"):
-            raise
+    except ORT_ERRORS as e:
         msg = f"onnxruntime {ort.__version__} cannot load {path}: {ort_message(e)}"
         try:
             need = oldest_onnxruntime(onnx.load(str(path), load_external_data=False))
@@ -195,6 +199,7 @@ def make_session(
 
 __all__ = [
     "make_session",
+    "ORT_ERRORS",
     "ort_message",
     "oldest_onnxruntime",
     "installed_onnxruntime",

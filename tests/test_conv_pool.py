@@ -11,16 +11,12 @@ import onnx.helper as oh
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, numpy_helper
-from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 
-from runtime.library import build_library
+from runtime.library import ORT_ERRORS, build_library
 from runtime.library import session_options as adq_session_options
 from runtime.reference.graphs import run_single, single_op_model
 from runtime.reference.op_threshold_quant import quantize
 
-ORT_ERRORS = tuple(
-    v for v in vars(_ort_state).values() if isinstance(v, type) and issubclass(v, Exception)
-)
 OP = "ConvPoolQuant"
 
 

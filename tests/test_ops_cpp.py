@@ -13,17 +13,13 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 from export_helpers import MODEL_CASES, case_input, onnx_model, run_onnx
-from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 
-from runtime.library import OpLibraryError, build_library, get_library_path, op_names
+from runtime.library import ORT_ERRORS, OpLibraryError, build_library, get_library_path, op_names
 from runtime.library import session_options as adq_session_options
 from runtime.packing import pack_rows
 from runtime.reference.graphs import run_single, single_op_model
 from runtime.schema import OPS
 
-ORT_ERRORS = tuple(
-    v for v in vars(_ort_state).values() if isinstance(v, type) and issubclass(v, Exception)
-)
 ALL_BITS = (1, 2, 3, 4, 5, 6, 7, 8)
 MAIN_BITS = (2, 3, 4, 8)
 
