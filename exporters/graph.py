@@ -23,6 +23,11 @@ def consumers(graph: onnx.GraphProto, value: str) -> list[onnx.NodeProto]:
     return [n for n in graph.node if value in n.input]
 
 
+def _producer(graph: onnx.GraphProto, value: str) -> onnx.NodeProto | None:
+    """The node that writes ``value`` (None for graph inputs and initializers)."""
+    return next((n for n in graph.node if value in n.output), None)
+
+
 def constant_value(graph: onnx.GraphProto, name: str) -> np.ndarray | None:
     """The array behind a value if it is an initializer (through Identity nodes), else None."""
     inits = {i.name: i for i in graph.initializer}
@@ -374,8 +379,7 @@ def fuse_shortcut(graph: onnx.GraphProto, domain: str) -> int:
     fused = 0
     for b in [n for n in graph.node if _is_shortcut_conv(n, domain)]:
         r = _residual(b)
-        producers = [n for n in graph.node if r in n.output]
-        a = producers[0] if producers else None
+        a = _producer(graph, r)
         if (
             a is None
             or not _is(a, "LutConv", (domain,))
@@ -465,7 +469,7 @@ def to_channels_last(graph: onnx.GraphProto, domain: str) -> int:
         n = nodes[i]
         entries = ("X", "Residual", "ShortcutX") if n.op_type in _CONVS else ("X",)
         for k in (_input_index(n.op_type, entry) for entry in entries):
-            name = n.input[k] if k < len(n.input) else ""
+            name = _padded(n.input, k + 1)[k]
             if name and name not in produced:
                 if name not in entering:
                     entering[name] = f"{name}_to_nhwc"
@@ -478,11 +482,6 @@ def to_channels_last(graph: onnx.GraphProto, domain: str) -> int:
     graph.node.extend(added)
     topological_sort(graph)
     return len(convs)
-
-
-def _producer(graph: onnx.GraphProto, value: str) -> onnx.NodeProto | None:
-    """The node that writes ``value`` (None for graph inputs and initializers)."""
-    return next((n for n in graph.node if value in n.output), None)
 
 
 def _window_ok(node: onnx.NodeProto, kernel: list[int]) -> bool:
@@ -546,10 +545,9 @@ def fuse_conv_pool_quant(graph: onnx.GraphProto, domain: str) -> int:
             attrs["pool_kernel_shape"] = _attr(pool, "kernel_shape", [])
             attrs["pool_strides"] = _attr(pool, "strides", [1, 1])
             attrs["pool_pads"] = _attr(pool, "pads", [0, 0, 0, 0])
-        bias = conv.input[2] if len(conv.input) > 2 else ""
         node = helper.make_node(
             "ConvPoolQuant",
-            [conv.input[0], conv.input[1], bias, tq.input[1], tq.input[2]],
+            [*_padded(conv.input, 3), tq.input[1], tq.input[2]],  # X, W, B; QScale, QThresholds
             [t.output[0], tq.output[0]],
             name=f"{conv.name or conv.output[0]}/ConvPoolQuant",
             domain=domain,
