@@ -117,3 +117,17 @@ def epilogue(acc: np.ndarray, scale: np.ndarray, bias: np.ndarray | None, axis: 
     if bias is not None:
         y = y + bias.reshape(shape)
     return y.astype(np.float32, copy=False)
+
+
+def im2col(xp: np.ndarray, kernel, strides, dilations, out_hw) -> np.ndarray:
+    """Columns ``[N, C, kH, kW, OH, OW]`` of the padded input ``xp`` ``[N, C, Hp, Wp]``."""
+    (kh, kw), (sh, sw), (dh, dw), (oh, ow) = kernel, strides, dilations, out_hw
+    n, c = xp.shape[:2]
+    cols = np.empty((n, c, kh, kw, oh, ow), dtype=xp.dtype)
+    for i in range(kh):
+        for j in range(kw):
+            h0, w0 = i * dh, j * dw
+            cols[:, :, i, j] = xp[
+                :, :, h0 : h0 + sh * (oh - 1) + 1 : sh, w0 : w0 + sw * (ow - 1) + 1 : sw
+            ]
+    return cols

@@ -6,8 +6,7 @@ from __future__ import annotations
 import numpy as np
 from onnx.reference.op_run import OpRun
 
-from runtime.reference._common import check_flag, check_ints, check_tensor
-from runtime.reference.op_lut_conv import _im2col
+from runtime.reference._common import check_flag, check_ints, check_tensor, im2col
 from runtime.reference.op_threshold_quant import check_quant_params, quantize
 from runtime.schema import DOMAIN, attribute_defaults
 
@@ -24,7 +23,7 @@ def max_pool(z: np.ndarray, kernel, strides, pads) -> np.ndarray:
     zp = np.pad(z, ((0, 0), (0, 0), (top, bottom), (left, right)), constant_values=-np.inf)
     ph = _out_size(z.shape[2], kh, sh, top, bottom)
     pw = _out_size(z.shape[3], kw, sw, left, right)
-    cols = _im2col(zp, (kh, kw), (sh, sw), (1, 1), (ph, pw))  # [N, C, kH, kW, PH, PW]
+    cols = im2col(zp, (kh, kw), (sh, sw), (1, 1), (ph, pw))  # [N, C, kH, kW, PH, PW]
     return cols.max(axis=(2, 3))
 
 
@@ -78,7 +77,7 @@ def conv_pool(
         raise ValueError(f"{op}: empty pooled output {ph}x{pw}")
 
     xp = np.pad(X, ((0, 0), (0, 0), (top, bottom), (left, right))).astype(np.float64)
-    cols = _im2col(xp, (kh, kw), strides, (1, 1), (oh, ow)).reshape(n, c * kh * kw, oh * ow)
+    cols = im2col(xp, (kh, kw), strides, (1, 1), (oh, ow)).reshape(n, c * kh * kw, oh * ow)
     acc = np.matmul(W.astype(np.float64).reshape(m, -1)[None], cols).reshape(n, m, oh, ow)
     z = acc.astype(np.float32)  # the float64 sum rounded once
     if B is not None:

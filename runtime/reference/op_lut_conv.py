@@ -18,26 +18,13 @@ from runtime.reference._common import (
     check_scale_bias,
     check_tensor,
     epilogue,
+    im2col,
     lookup,
 )
 from runtime.reference.op_threshold_quant import check_quant_params, quantize
 from runtime.schema import DOMAIN, attribute_defaults
 
 _DEFAULTS = attribute_defaults("LutConv")
-
-
-def _im2col(xp: np.ndarray, kernel, strides, dilations, out_hw) -> np.ndarray:
-    """Columns ``[N, C, kH, kW, OH, OW]`` of the padded input ``xp`` ``[N, C, Hp, Wp]``."""
-    (kh, kw), (sh, sw), (dh, dw), (oh, ow) = kernel, strides, dilations, out_hw
-    n, c = xp.shape[:2]
-    cols = np.empty((n, c, kh, kw, oh, ow), dtype=xp.dtype)
-    for i in range(kh):
-        for j in range(kw):
-            h0, w0 = i * dh, j * dw
-            cols[:, :, i, j] = xp[
-                :, :, h0 : h0 + sh * (oh - 1) + 1 : sh, w0 : w0 + sw * (ow - 1) + 1 : sw
-            ]
-    return cols
 
 
 def lut_conv(
@@ -122,7 +109,7 @@ def lut_conv(
         Residual = s.transpose(0, 3, 1, 2) if last else s
 
     xp = np.pad(X, ((0, 0), (0, 0), (top, bottom), (left, right))).astype(np.float64)
-    cols = _im2col(xp, (kh, kw), strides, dilations, (oh, ow))
+    cols = im2col(xp, (kh, kw), strides, dilations, (oh, ow))
     cols = cols.reshape(n, group, g * kh * kw, oh * ow)
     wg = wt.astype(np.float64).reshape(group, m // group, g * kh * kw)
     acc = np.matmul(wg[None], cols).reshape(n, m, oh, ow)  # float64 accumulation
