@@ -127,6 +127,19 @@ inline std::vector<int64_t> IntsAttr(const OrtKernelInfo* info, const char* name
   return v;
 }
 
+// A window attribute (kernel shape, strides, pads, dilations): `count` ints, each >= lo and
+// below 2^24 (def: the default; nullptr: required).
+inline std::vector<int64_t> WindowAttr(const OrtKernelInfo* info, const char* name, size_t count,
+                                       int64_t lo, const std::vector<int64_t>* def) {
+  std::vector<int64_t> v = IntsAttr(info, name, def);
+  Check(v.size() == count, name, " must have ", count, " values, got ", ShapeStr(v));
+  for (int64_t x : v) {
+    Check(x >= lo && x < (int64_t{1} << 24), name,
+          lo > 0 ? " must be positive, got " : " must be non-negative, got ", ShapeStr(v));
+  }
+  return v;
+}
+
 inline int64_t BitsAttr(const OrtKernelInfo* info) {
   int64_t bits = IntAttr(info, "bits", nullptr);
   Check(bits >= 1 && bits <= 8, "attribute 'bits' must be in 1..8, got ", bits);

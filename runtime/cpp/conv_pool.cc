@@ -37,6 +37,14 @@ constexpr int kBlockLanes2 = 2;
 // How a call runs: AVX-512 needs M % 16 == 0, AVX2 (with FMA) M % 8 == 0.
 enum class Path { kScalar, kAvx2, kAvx512 };
 
+// Convolution rows (or columns) [lo, hi) in pooled row (column) p's window, padding left out.
+struct Span {
+  int64_t lo, hi;
+};
+inline Span Window(int64_t p, int64_t stride, int64_t pad, int64_t k, int64_t size) {
+  return {std::max<int64_t>(p * stride - pad, 0), std::min<int64_t>(p * stride - pad + k, size)};
+}
+
 // The zero-padded input rows a band reads: [C][rows][ld] floats.
 struct Band {
   const float* x;
@@ -104,26 +112,6 @@ constexpr std::array<std::array<TileFn, kTileCols>, kBlockLanes> kTiles = {
     TileRow<1>(std::make_index_sequence<kTileCols>()), TileRow<2>(std::make_index_sequence<kTileCols>()),
     TileRow<3>(std::make_index_sequence<kTileCols>()), TileRow<4>(std::make_index_sequence<kTileCols>())};
 
-// One convolution row (channels last) on AVX-512; M % 16 == 0.
-__attribute__((target("avx512f"))) void ConvRowAvx512(const Geom& g, const Band& b, int64_t r,
-                                                      const float* wp, const float* bias,
-                                                      const int32_t* off, float* row) {
-  const int64_t R = g.C * g.kH * g.kW;
-  const float* x0 = b.x + (r * g.sH - b.row0) * b.ld;
-  for (int64_t b0 = 0; b0 < g.M; b0 += kBlockLanes * kLanes) {
-    const int64_t MB = std::min<int64_t>(kBlockLanes, (g.M - b0) / kLanes);
-    const float* w = wp + b0 * R;
-    const float* bb = bias ? bias + b0 : nullptr;
-    for (int64_t ow = 0; ow < g.OW; ow += kTileCols) {
-      const float* x = x0 + ow * g.sW;
-      float* out = row + ow * g.M + b0;
-      const int nq = static_cast<int>(std::min<int64_t>(kTileCols, g.OW - ow));
-      TileFn fn = kTiles[MB - 1][nq - 1];
-      fn(x, off, R, g.sW, w, bb, g.relu, out, g.M);
-    }
-  }
-}
-
 // The AVX2 form of TileAvx512: MB x 8 channels (MB <= 2), NQ outputs, 12 accumulators at most.
 template <int MB, int NQ>
 __attribute__((target("avx2,fma"))) void TileAvx2(const float* x, const int32_t* off, int64_t R,
@@ -167,17 +155,21 @@ constexpr std::array<std::array<TileFn, kTileCols>, kBlockLanes2> kTiles2 = {
     TileRow2<1>(std::make_index_sequence<kTileCols>()),
     TileRow2<2>(std::make_index_sequence<kTileCols>())};
 
-// One convolution row (channels last) on AVX2; M % 8 == 0.
-void ConvRowAvx2(const Geom& g, const Band& b, int64_t r, const float* wp, const float* bias,
-                 const int32_t* off, float* row) {
+// One convolution row (channels last) in the tiles `tiles` of `lanes`-channel vectors
+// ([vectors - 1][outputs - 1], AVX-512 or AVX2); M % lanes == 0, weights packed in blocks of
+// V * lanes channels.
+template <size_t V>
+void ConvRowTiles(const Geom& g, const Band& b, int64_t r, const float* wp, const float* bias,
+                  const int32_t* off, float* row, int64_t lanes,
+                  const std::array<std::array<TileFn, kTileCols>, V>& tiles) {
   const int64_t R = g.C * g.kH * g.kW;
   const float* x0 = b.x + (r * g.sH - b.row0) * b.ld;
-  for (int64_t b0 = 0; b0 < g.M; b0 += kBlockLanes2 * kLanes2) {
-    const int64_t MB = std::min<int64_t>(kBlockLanes2, (g.M - b0) / kLanes2);
+  for (int64_t b0 = 0; b0 < g.M; b0 += static_cast<int64_t>(V) * lanes) {
+    const int64_t vectors = std::min<int64_t>(V, (g.M - b0) / lanes);
     for (int64_t ow = 0; ow < g.OW; ow += kTileCols) {
-      const int nq = static_cast<int>(std::min<int64_t>(kTileCols, g.OW - ow));
-      kTiles2[MB - 1][nq - 1](x0 + ow * g.sW, off, R, g.sW, wp + b0 * R, bias ? bias + b0 : nullptr,
-                              g.relu, row + ow * g.M + b0, g.M);
+      const int64_t nq = std::min<int64_t>(kTileCols, g.OW - ow);
+      tiles[vectors - 1][nq - 1](x0 + ow * g.sW, off, R, g.sW, wp + b0 * R,
+                                 bias ? bias + b0 : nullptr, g.relu, row + ow * g.M + b0, g.M);
     }
   }
 }
@@ -204,8 +196,7 @@ void ConvRowScalar(const Geom& g, const Band& b, int64_t r, const float* w, cons
 __attribute__((always_inline)) inline void PoolRowImpl(const Geom& g, const float* const* rows,
                                                        int nrows, float* y) {
   for (int64_t pw = 0; pw < g.PW; ++pw) {
-    const int64_t c0 = std::max<int64_t>(pw * g.psW - g.ppl, 0);
-    const int64_t c1 = std::min<int64_t>(pw * g.psW - g.ppl + g.pkW, g.OW);
+    const auto [c0, c1] = Window(pw, g.psW, g.ppl, g.pkW, g.OW);
     float* yp = y + pw * g.M;
     std::copy(rows[0] + c0 * g.M, rows[0] + (c0 + 1) * g.M, yp);
     for (int i = 0; i < nrows; ++i) {
@@ -247,8 +238,7 @@ __attribute__((target("avx512f,avx512bw"))) void PoolRowAvx512(const Geom& g,
   const float* r[64];
   for (int i = 0; i < nrows; ++i) r[i] = rows[i];
   for (int64_t pw = 0; pw < PW; ++pw) {
-    const int64_t c0 = std::max<int64_t>(pw * psW - ppl, 0);
-    const int64_t c1 = std::min<int64_t>(pw * psW - ppl + pkW, OW);
+    const auto [c0, c1] = Window(pw, psW, ppl, pkW, OW);
     float* yp = y + pw * M;
     uint8_t* qp = q + pw * M;
     int64_t m = 0;
@@ -301,29 +291,18 @@ struct ConvPoolQuant {
   static constexpr uint32_t kOptionalOutputs = 0;
 
   explicit ConvPoolQuant(const OrtKernelInfo* info) : isa_(SelectIsa()) {
-    kernel_ = IntsAttr(info, "kernel_shape", nullptr);
     const std::vector<int64_t> one{1, 1}, zero4{0, 0, 0, 0};
-    strides_ = IntsAttr(info, "strides", &one);
-    pads_ = IntsAttr(info, "pads", &zero4);
+    kernel_ = WindowAttr(info, "kernel_shape", 2, 1, nullptr);
+    strides_ = WindowAttr(info, "strides", 2, 1, &one);
+    pads_ = WindowAttr(info, "pads", 4, 0, &zero4);
     const int64_t no_relu = 0;
     relu_ = IntAttr(info, "relu", &no_relu);
-    pool_kernel_ = IntsAttr(info, "pool_kernel_shape", &one);
-    pool_strides_ = IntsAttr(info, "pool_strides", &one);
-    pool_pads_ = IntsAttr(info, "pool_pads", &zero4);
-    Check(kernel_.size() == 2 && kernel_[0] >= 1 && kernel_[1] >= 1,
-          "attribute 'kernel_shape' must be 2 positive ints");
-    Check(strides_.size() == 2 && strides_[0] >= 1 && strides_[1] >= 1,
-          "attribute 'strides' must be 2 positive ints");
-    Check(pads_.size() == 4 && *std::min_element(pads_.begin(), pads_.end()) >= 0,
-          "attribute 'pads' must be 4 non-negative ints");
     Check(relu_ == 0 || relu_ == 1, "attribute 'relu' must be 0 or 1, got ", relu_);
-    Check(pool_kernel_.size() == 2 && pool_kernel_[0] >= 1 && pool_kernel_[1] >= 1 &&
-              pool_kernel_[0] <= 64 && pool_kernel_[1] <= 64,
-          "attribute 'pool_kernel_shape' must be 2 ints in 1..64");
-    Check(pool_strides_.size() == 2 && pool_strides_[0] >= 1 && pool_strides_[1] >= 1,
-          "attribute 'pool_strides' must be 2 positive ints");
-    Check(pool_pads_.size() == 4 && *std::min_element(pool_pads_.begin(), pool_pads_.end()) >= 0,
-          "attribute 'pool_pads' must be 4 non-negative ints");
+    pool_kernel_ = WindowAttr(info, "pool_kernel_shape", 2, 1, &one);
+    Check(pool_kernel_[0] <= 64 && pool_kernel_[1] <= 64,
+          "attribute 'pool_kernel_shape' must be at most 64, got ", ShapeStr(pool_kernel_));
+    pool_strides_ = WindowAttr(info, "pool_strides", 2, 1, &one);
+    pool_pads_ = WindowAttr(info, "pool_pads", 4, 0, &zero4);
     for (int d = 0; d < 2; ++d) {
       Check(pool_pads_[d] < pool_kernel_[d] && pool_pads_[d + 2] < pool_kernel_[d],
             "attribute 'pool_pads' must be below 'pool_kernel_shape' (a window without inputs)");
@@ -408,8 +387,8 @@ struct ConvPoolQuant {
       const int64_t p1 = std::min(g.PH, p0 + band_rows);
       if (p0 >= p1) return;
       // Convolution rows [r0, r1) of pooled rows [p0, p1).
-      const int64_t r0 = std::max<int64_t>(p0 * g.psH - g.ppt, 0);
-      const int64_t r1 = std::min<int64_t>((p1 - 1) * g.psH - g.ppt + g.pkH, g.OH);
+      const int64_t r0 = Window(p0, g.psH, g.ppt, g.pkH, g.OH).lo;
+      const int64_t r1 = Window(p1 - 1, g.psH, g.ppt, g.pkH, g.OH).hi;
       Band b{};
       b.row0 = r0 * g.sH;
       b.rows = (r1 - 1 - r0) * g.sH + g.kH;
@@ -427,15 +406,14 @@ struct ConvPoolQuant {
       for (int64_t r = r0; r < r1 && p < p1; ++r) {
         float* row = ring + (r % g.pkH) * ring_ld;
         switch (path) {
-          case Path::kAvx512: ConvRowAvx512(g, b, r, wk, bias, off.data(), row); break;
-          case Path::kAvx2: ConvRowAvx2(g, b, r, wk, bias, off.data(), row); break;
+          case Path::kAvx512: ConvRowTiles(g, b, r, wk, bias, off.data(), row, kLanes, kTiles); break;
+          case Path::kAvx2: ConvRowTiles(g, b, r, wk, bias, off.data(), row, kLanes2, kTiles2); break;
           default: ConvRowScalar(g, b, r, wk, bias, off.data(), row); break;
         }
         // Emit every pooled row whose window ends at this convolution row.
-        while (p < p1 && std::min<int64_t>(p * g.psH - g.ppt + g.pkH, g.OH) - 1 == r) {
-          const int64_t a0 = std::max<int64_t>(p * g.psH - g.ppt, 0);
+        while (p < p1 && Window(p, g.psH, g.ppt, g.pkH, g.OH).hi - 1 == r) {
           int nrows = 0;
-          for (int64_t a = a0; a <= r; ++a) rows[nrows++] = ring + (a % g.pkH) * ring_ld;
+          for (int64_t a = Window(p, g.psH, g.ppt, g.pkH, g.OH).lo; a <= r; ++a) rows[nrows++] = ring + (a % g.pkH) * ring_ld;
           const int64_t at = (n * g.PH + p) * g.PW * g.M;
           if (path == Path::kAvx512) {
             PoolRowAvx512(g, rows, nrows, y + at, q + at, lv);

@@ -148,20 +148,11 @@ struct LutConvT {
     const Shape ones{1, 1}, zeros{0, 0, 0, 0};
     const int64_t one = 1, zero = 0;
     ConvAttrs& a = conv_;
-    a.kernel = IntsAttr(info, "kernel_shape", nullptr);
-    a.strides = IntsAttr(info, "strides", &ones);
-    a.pads = IntsAttr(info, "pads", &zeros);
-    a.dilations = IntsAttr(info, "dilations", &ones);
+    a.kernel = WindowAttr(info, "kernel_shape", 2, 1, nullptr);
+    a.strides = WindowAttr(info, "strides", 2, 1, &ones);
+    a.pads = WindowAttr(info, "pads", 4, 0, &zeros);
+    a.dilations = WindowAttr(info, "dilations", 2, 1, &ones);
     a.group = IntAttr(info, "group", &one);
-    Check(a.kernel.size() == 2, "kernel_shape must have 2 values, got ", ShapeStr(a.kernel));
-    Check(a.strides.size() == 2, "strides must have 2 values, got ", ShapeStr(a.strides));
-    Check(a.dilations.size() == 2, "dilations must have 2 values, got ", ShapeStr(a.dilations));
-    Check(a.pads.size() == 4, "pads must have 4 values, got ", ShapeStr(a.pads));
-    const int64_t kLimit = int64_t{1} << 24;
-    for (int64_t v : a.kernel) Check(v > 0 && v < kLimit, "kernel_shape must be positive, got ", ShapeStr(a.kernel));
-    for (int64_t v : a.strides) Check(v > 0 && v < kLimit, "strides must be positive, got ", ShapeStr(a.strides));
-    for (int64_t v : a.dilations) Check(v > 0 && v < kLimit, "dilations must be positive, got ", ShapeStr(a.dilations));
-    for (int64_t v : a.pads) Check(v >= 0 && v < kLimit, "pads must be non-negative, got ", ShapeStr(a.pads));
     Check(a.group >= 1, "group must be >= 1, got ", a.group);
     const int64_t relu = IntAttr(info, "relu", &zero);
     Check(relu == 0 || relu == 1, "attribute 'relu' must be 0 or 1, got ", relu);
@@ -172,13 +163,7 @@ struct LutConvT {
     shortcut_bits_ = IntAttr(info, "shortcut_bits", &zero);
     Check(shortcut_bits_ >= 0 && shortcut_bits_ <= 8, "shortcut_bits must be in 0..8, got ",
           shortcut_bits_);
-    shortcut_ = ConvAttrs{ones, IntsAttr(info, "shortcut_strides", &ones), zeros, ones, 1};
-    Check(shortcut_.strides.size() == 2, "shortcut_strides must have 2 values, got ",
-          ShapeStr(shortcut_.strides));
-    for (int64_t v : shortcut_.strides) {
-      Check(v > 0 && v < kLimit, "shortcut_strides must be positive, got ",
-            ShapeStr(shortcut_.strides));
-    }
+    shortcut_ = ConvAttrs{ones, WindowAttr(info, "shortcut_strides", 2, 1, &ones), zeros, ones, 1};
     // Constant Codes and Codebook (initializers) are repacked once for the panel paths and kept.
     Ort::ConstKernelInfo ki(info);
     auto is_constant = [&](size_t i) {
