@@ -320,17 +320,22 @@ def onnx_schema(op: OpDecl) -> onnx.defs.OpSchema:
     return schema
 
 
+def is_registered(op: OpDecl) -> bool:
+    """Whether onnx's registry holds an ai.adq op's schema."""
+    try:
+        onnx.defs.get_schema(op.name, VERSION, DOMAIN)
+    except onnx.defs.SchemaError:
+        return False
+    return True
+
+
 def register_onnx_schemas() -> None:
     """Register the ai.adq schemas with onnx (idempotent) so onnx.checker and shape inference
     know the ops; they are removed again at interpreter exit (see deregister_onnx_schemas)."""
-    added = False
-    for op in OPS:
-        try:
-            onnx.defs.get_schema(op.name, VERSION, DOMAIN)
-        except onnx.defs.SchemaError:
-            onnx.defs.register_schema(onnx_schema(op))
-            added = True
-    if added:
+    missing = [op for op in OPS if not is_registered(op)]
+    for op in missing:
+        onnx.defs.register_schema(onnx_schema(op))
+    if missing:
         atexit.register(deregister_onnx_schemas)
 
 
@@ -342,11 +347,8 @@ def deregister_onnx_schemas() -> None:
     waiting for the GIL and 1.20-1.22 crash (exit status 139), so every command would fail.
     """
     for op in OPS:
-        try:
-            onnx.defs.get_schema(op.name, VERSION, DOMAIN)
-        except onnx.defs.SchemaError:
-            continue
-        onnx.defs.deregister_schema(op.name, VERSION, DOMAIN)
+        if is_registered(op):
+            onnx.defs.deregister_schema(op.name, VERSION, DOMAIN)
     atexit.unregister(deregister_onnx_schemas)
 
 
