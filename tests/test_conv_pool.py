@@ -222,6 +222,7 @@ ERROR_CASES = {
     ),
     "strides 0": (_with(strides=[0, 1]), "strides must be positive"),
     "negative pad": (_with(pads=[0, -1, 0, 0]), "pads must be non-negative"),
+    "pool stride 2^24": (_with(pool_strides=[1 << 24, 1]), "pool_strides must be positive and"),
     "relu 2": (_with(relu=2), "'relu' must be 0 or 1"),
     "X too large for int32 offsets (no images)": (
         _with(X=np.zeros((0, 3, 30000, 30000), np.float32)),

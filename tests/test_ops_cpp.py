@@ -1102,6 +1102,8 @@ def _error_cases():
         "conv stride 0": (cv(strides=[0, 1]), "strides must be positive"),
         "conv dilation 0": (cv(dilations=[1, 0]), "dilations must be positive"),
         "conv negative pad": (cv(pads=[0, -1, 0, 0]), "pads must be non-negative"),
+        "conv stride 2^24": (cv(strides=[1, 1 << 24]), "strides must be positive and below 2"),
+        "conv pad 2^24": (cv(pads=[0, 0, 1 << 24, 0]), "pads must be non-negative and below 2"),
         "conv 3 pads": (cv(pads=[0, 0, 0]), "pads must have 4 values"),
         "conv empty output": (cv(kernel_shape=[7, 3]), "empty output"),
         "conv kernel_shape missing": (

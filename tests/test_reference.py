@@ -588,6 +588,8 @@ ERRORS = [
     ("LutConv", {}, {"strides": [0, 1]}),
     ("LutConv", {}, {"strides": [1, -1]}),
     ("LutConv", {}, {"dilations": [0, 1]}),
+    ("LutConv", {}, {"strides": [1, 1 << 24]}),  # window attributes stay below 2^24
+    ("LutConv", {}, {"pads": [0, 0, 0, 1 << 24]}),
     ("LutConv", {}, {"pads": [0, -1, 0, 0]}),
     ("LutConv", {}, {"pads": [1, 1]}),
     ("LutConv", {}, {"group": 0}),

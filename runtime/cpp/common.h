@@ -135,7 +135,9 @@ inline std::vector<int64_t> WindowAttr(const OrtKernelInfo* info, const char* na
   Check(v.size() == count, name, " must have ", count, " values, got ", ShapeStr(v));
   for (int64_t x : v) {
     Check(x >= lo && x < (int64_t{1} << 24), name,
-          lo > 0 ? " must be positive, got " : " must be non-negative, got ", ShapeStr(v));
+          lo > 0 ? " must be positive and below 2^24, got "
+                 : " must be non-negative and below 2^24, got ",
+          ShapeStr(v));
   }
   return v;
 }

@@ -66,6 +66,19 @@ def check_ints(
     return tuple(int(v) for v in items)
 
 
+# Window attributes (kernel shapes, strides, pads, dilations) stay below this bound, as in the
+# kernels: it keeps every index computed from them far from int64 overflow.
+WINDOW_LIMIT = 1 << 24
+
+
+def check_window(op: str, name: str, value: object, length: int, minimum: int) -> tuple[int, ...]:
+    """A window attribute: check_ints, and every entry below WINDOW_LIMIT, else ValueError."""
+    items = check_ints(op, name, value, length, minimum)
+    if any(v >= WINDOW_LIMIT for v in items):
+        raise ValueError(f"{op}: attribute {name} entries must be below 2^24, got {list(items)}")
+    return items
+
+
 def check_codebook(op: str, codebook: object, bits: int) -> np.ndarray:
     """A float ``[K]`` codebook with ``1 <= K <= 2^bits``, else ValueError."""
     codebook = check_tensor(op, "Codebook", codebook, "float", 1)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 from onnx.reference.op_run import OpRun
 
-from runtime.reference._common import check_flag, check_ints, check_tensor, im2col
+from runtime.reference._common import check_flag, check_tensor, check_window, im2col
 from runtime.reference.op_threshold_quant import check_quant_params, quantize
 from runtime.schema import DOMAIN, attribute_defaults
 
@@ -42,13 +42,13 @@ def conv_pool(
     pool_pads,
 ) -> np.ndarray:
     """ConvPoolQuant's Y (float32 ``[N, PH, PW, M]``), validated; ``op`` names the caller."""
-    kh, kw = check_ints(op, "kernel_shape", kernel_shape, 2, 1)
-    strides = check_ints(op, "strides", strides, 2, 1)
-    top, left, bottom, right = check_ints(op, "pads", pads, 4, 0)
+    kh, kw = check_window(op, "kernel_shape", kernel_shape, 2, 1)
+    strides = check_window(op, "strides", strides, 2, 1)
+    top, left, bottom, right = check_window(op, "pads", pads, 4, 0)
     relu = check_flag(op, "relu", relu)
-    pool_kernel = check_ints(op, "pool_kernel_shape", pool_kernel_shape, 2, 1)
-    pool_strides = check_ints(op, "pool_strides", pool_strides, 2, 1)
-    pool_pads = check_ints(op, "pool_pads", pool_pads, 4, 0)
+    pool_kernel = check_window(op, "pool_kernel_shape", pool_kernel_shape, 2, 1)
+    pool_strides = check_window(op, "pool_strides", pool_strides, 2, 1)
+    pool_pads = check_window(op, "pool_pads", pool_pads, 4, 0)
     if max(pool_kernel) > 64:
         raise ValueError(f"{op}: attribute pool_kernel_shape entries must be <= 64")
     for d in range(2):

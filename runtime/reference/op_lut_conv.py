@@ -14,9 +14,9 @@ from runtime.reference._common import (
     check_codebook,
     check_flag,
     check_int,
-    check_ints,
     check_scale_bias,
     check_tensor,
+    check_window,
     epilogue,
     im2col,
     lookup,
@@ -53,10 +53,10 @@ def lut_conv(
     too). ``shortcut``: ShortcutX, ShortcutCodes, ShortcutCodebook, ShortcutScale, ShortcutBias
     (all None: no shortcut), whose 1x1 convolution takes Residual's place."""
     bits = check_bits(op, bits)
-    kh, kw = check_ints(op, "kernel_shape", kernel_shape, 2, 1)
-    strides = check_ints(op, "strides", strides, 2, 1)
-    top, left, bottom, right = check_ints(op, "pads", pads, 4, 0)
-    dilations = check_ints(op, "dilations", dilations, 2, 1)
+    kh, kw = check_window(op, "kernel_shape", kernel_shape, 2, 1)
+    strides = check_window(op, "strides", strides, 2, 1)
+    top, left, bottom, right = check_window(op, "pads", pads, 4, 0)
+    dilations = check_window(op, "dilations", dilations, 2, 1)
     group = check_int(op, "group", group, 1)
     relu = check_flag(op, "relu", relu)
     last = check_flag(op, "channels_last", channels_last)
