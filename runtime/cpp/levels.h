@@ -68,4 +68,34 @@ __attribute__((target("avx512f"))) inline __m512i CountLevels16(__m512 v, const 
   return c;
 }
 
+// The same count for a number of thresholds T known at compile time (a layer's activation bits
+// fix it): the thresholds sit in registers, set up once per tile instead of a branch on T and a
+// load per threshold for every vector. Same float32 product and compares as CountLevels16.
+template <int T>
+struct FixedCounter {
+  __m512 scale;
+  __m512 t[T];
+};
+
+template <int T>
+__attribute__((target("avx512f"))) inline FixedCounter<T> MakeFixedCounter(const Levels& lv) {
+  FixedCounter<T> c;
+  c.scale = _mm512_set1_ps(lv.scale);
+  for (int k = 0; k < T; ++k) c.t[k] = _mm512_set1_ps(k < lv.T ? lv.t[k] : 0.0f);
+  return c;
+}
+
+template <int T>
+__attribute__((target("avx512f"))) inline __m512i CountLevelsFixed(__m512 v,
+                                                                   const FixedCounter<T>& fc) {
+  const __m512 sv = _mm512_mul_ps(fc.scale, v);
+  const __m512i one = _mm512_set1_epi32(1);
+  __m512i c = _mm512_setzero_si512();
+#pragma GCC unroll 16
+  for (int k = 0; k < T; ++k) {
+    c = _mm512_mask_add_epi32(c, _mm512_cmp_ps_mask(sv, fc.t[k], _CMP_GE_OQ), c, one);
+  }
+  return c;
+}
+
 }  // namespace adq
