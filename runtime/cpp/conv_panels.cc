@@ -18,7 +18,7 @@ namespace {
 
 constexpr int kMaxQ = 12;     // outputs per float micro-tile (2 x 12 accumulators)
 constexpr int kMaxQ1 = 24;    // outputs per float micro-tile of a one-block panel (1 x 24)
-constexpr int kMaxQInt = 12;  // outputs per int8 micro-tile (2 x 12 accumulators)
+constexpr int kMaxQInt = 14;  // outputs per int8 micro-tile (2 x 14 accumulators)
 constexpr int kMaxQAvx2 = 5;  // outputs per AVX2 micro-tile (16 channels: 2 x 5 accumulators)
 constexpr int64_t kChunkQ = 16 * kMaxQ;  // flat outputs per task
 constexpr int64_t kChunkK = 128;         // k-steps summed in registers before adding up
