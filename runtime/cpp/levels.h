@@ -77,6 +77,8 @@ struct FixedCounter {
   __m512 t[T];
 };
 
+// lv must have T thresholds; one with fewer (an absent Q2's empty Levels) gives a counter that
+// is never used, filled with zeros rather than reading past lv.t.
 template <int T>
 __attribute__((target("avx512f"))) inline FixedCounter<T> MakeFixedCounter(const Levels& lv) {
   FixedCounter<T> c;
