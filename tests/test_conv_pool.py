@@ -162,6 +162,33 @@ def test_other_isa_paths_match_reference(isa, library, monkeypatch):
     check_against_reference(session_options(2), cases)
 
 
+def test_packed_weights_kept_only_for_constant_w(library):
+    """A constant W is packed on the first run and kept: later runs with other inputs still
+    match the reference. A W fed as an input is packed on every run: a session fed two W's
+    gives each one's result."""
+    rng = np.random.default_rng(6)
+    inputs, attrs = random_case(rng, n=2, m=32)
+    constants = ("W", "B", "QScale", "QThresholds")
+    model = single_op_model(OP, inputs, attrs, constants=constants).SerializeToString()
+    kept = ort.InferenceSession(model, session_options(2), providers=["CPUExecutionProvider"])
+    fed = single_op_model(OP, inputs, attrs, constants=("B", "QScale", "QThresholds"))
+    fresh = ort.InferenceSession(
+        fed.SerializeToString(), session_options(2), providers=["CPUExecutionProvider"]
+    )
+    for _ in range(3):
+        x = rng.normal(size=inputs["X"].shape).astype(np.float32)
+        w = rng.normal(size=inputs["W"].shape).astype(np.float32)
+        runs = [
+            (kept.run(None, {"X": x}), {**inputs, "X": x}),
+            (fresh.run(None, {"X": x, "W": w}), {**inputs, "X": x, "W": w}),
+        ]
+        for (y, q), case in runs:
+            y_ref, _ = run_single(OP, case, attrs)
+            tol = 1e-5 * max(1.0, float(np.abs(y_ref).max()))
+            assert float(np.abs(y.astype(np.float64) - y_ref).max()) <= tol
+            np.testing.assert_array_equal(q, quantize(y, case["QScale"][0], case["QThresholds"]))
+
+
 def test_non_finite_input_runs_and_levels_follow_y(library):
     """NaN and infinities in X: results unspecified (docs/onnx-ops.md), but the kernel runs and
     Q is still ThresholdQuant of its Y."""

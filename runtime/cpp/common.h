@@ -142,6 +142,20 @@ inline std::vector<int64_t> WindowAttr(const OrtKernelInfo* info, const char* na
   return v;
 }
 
+// Whether input i is a constant initializer (false when onnxruntime cannot say), so that a
+// kernel may keep what it derives from it across runs.
+inline bool ConstantInput(const OrtKernelInfo* info, size_t i) {
+  Ort::ConstKernelInfo ki(info);
+  if (i >= ki.GetInputCount()) return false;
+  int constant = 0;
+  try {
+    ki.GetTensorConstantInput(i, &constant);
+  } catch (const Ort::Exception&) {
+    return false;
+  }
+  return constant != 0;
+}
+
 inline int64_t BitsAttr(const OrtKernelInfo* info) {
   int64_t bits = IntAttr(info, "bits", nullptr);
   Check(bits >= 1 && bits <= 8, "attribute 'bits' must be in 1..8, got ", bits);

@@ -11,6 +11,8 @@
 
 #include <algorithm>
 #include <array>
+#include <memory>
+#include <mutex>
 #include <utility>
 #include <vector>
 
@@ -290,7 +292,8 @@ struct ConvPoolQuant {
   static constexpr uint32_t kOptionalInputs = 1u << 2;
   static constexpr uint32_t kOptionalOutputs = 0;
 
-  explicit ConvPoolQuant(const OrtKernelInfo* info) : isa_(SelectIsa()) {
+  explicit ConvPoolQuant(const OrtKernelInfo* info)
+      : isa_(SelectIsa()), w_constant_(ConstantInput(info, 1)) {
     const std::vector<int64_t> one{1, 1}, zero4{0, 0, 0, 0};
     kernel_ = WindowAttr(info, "kernel_shape", 2, 1, nullptr);
     strides_ = WindowAttr(info, "strides", 2, 1, &one);
@@ -369,9 +372,9 @@ struct ConvPoolQuant {
       path = Path::kAvx2;
     }
     const int64_t block = path == Path::kAvx512 ? kBlockLanes * kLanes : kBlockLanes2 * kLanes2;
-    const std::vector<float> packed =
-        path == Path::kScalar ? std::vector<float>() : PackWeights(w.as<float>(), g.M, R, block);
-    const float* wk = path == Path::kScalar ? w.as<float>() : packed.data();
+    const std::shared_ptr<const std::vector<float>> packed =
+        path == Path::kScalar ? nullptr : Packed(w.as<float>(), g.M, R, block);
+    const float* wk = path == Path::kScalar ? w.as<float>() : packed->data();
 
     // Bands: enough tasks for the pool at small batch, one per image at large batch.
     const int64_t bands = std::min<int64_t>(g.PH, std::max<int64_t>(1, (TaskHint() / 4 + g.N - 1) / g.N));
@@ -433,7 +436,26 @@ struct ConvPoolQuant {
 
   std::vector<int64_t> kernel_, strides_, pads_, pool_kernel_, pool_strides_, pool_pads_;
   int64_t relu_ = 0;
+  // W packed for the tiles: for a constant W, made on the first run and kept.
+  std::shared_ptr<const std::vector<float>> Packed(const float* w, int64_t M, int64_t R,
+                                                   int64_t block) const {
+    auto fresh = [&] {
+      return std::make_shared<const std::vector<float>>(PackWeights(w, M, R, block));
+    };
+    if (!w_constant_) return fresh();
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!packed_ || packed_block_ != block) {
+      packed_ = fresh();
+      packed_block_ = block;
+    }
+    return packed_;
+  }
+
   Isa isa_;
+  bool w_constant_;
+  mutable std::mutex mu_;
+  mutable std::shared_ptr<const std::vector<float>> packed_;
+  mutable int64_t packed_block_ = 0;
 };
 
 }  // namespace

@@ -165,19 +165,8 @@ struct LutConvT {
           shortcut_bits_);
     shortcut_ = ConvAttrs{ones, WindowAttr(info, "shortcut_strides", 2, 1, &ones), zeros, ones, 1};
     // Constant Codes and Codebook (initializers) are repacked once for the panel paths and kept.
-    Ort::ConstKernelInfo ki(info);
-    auto is_constant = [&](size_t i) {
-      int constant = 0;
-      try {
-        ki.GetTensorConstantInput(i, &constant);
-      } catch (const Ort::Exception&) {
-        return false;
-      }
-      return constant != 0;
-    };
-    constant_ = ki.GetInputCount() > 2 && is_constant(1) && is_constant(2);
-    shortcut_constant_ = ki.GetInputCount() > kShortcut + 2 && is_constant(kShortcut + 1) &&
-                         is_constant(kShortcut + 2);
+    constant_ = ConstantInput(info, 1) && ConstantInput(info, 2);
+    shortcut_constant_ = ConstantInput(info, kShortcut + 1) && ConstantInput(info, kShortcut + 2);
   }
 
   // The geometry of a convolution with attributes a of x (dims in NCHW order) to M channels.
