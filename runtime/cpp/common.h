@@ -12,6 +12,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <iterator>
+#include <memory>
 #include <mutex>
 #include <new>
 #include <sstream>
@@ -155,6 +156,29 @@ inline bool ConstantInput(const OrtKernelInfo* info, size_t i) {
   }
   return constant != 0;
 }
+
+// What a kernel derives from constant inputs (weights repacked for its tiles): made on the first
+// call and kept while `key` (the inputs' addresses and shapes) stays the same; for inputs that
+// are not constant, made afresh on every call. Thread-safe.
+template <class T, class Key>
+class Kept {
+ public:
+  template <class Make>
+  std::shared_ptr<const T> Get(bool constant, const Key& key, Make&& make) {
+    if (!constant) return make();
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!value_ || !(key_ == key)) {
+      value_ = make();
+      key_ = key;
+    }
+    return value_;
+  }
+
+ private:
+  std::mutex mu_;
+  std::shared_ptr<const T> value_;
+  Key key_{};
+};
 
 inline int64_t BitsAttr(const OrtKernelInfo* info) {
   int64_t bits = IntAttr(info, "bits", nullptr);

@@ -347,9 +347,11 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) inline void StoreBytes(__m1
   }
 }
 
-// Levels #{k : scale * v >= t[k]} of the first n lanes of v, stored as bytes (NaN: 0).
+// Levels #{k : scale * v >= t[k]} of the first n lanes of v, stored as bytes (NaN: 0); Counter:
+// LevelCounter or FixedCounter<T>.
+template <class Counter>
 __attribute__((target("avx512f,avx512bw,avx512vl"))) inline void StoreLevels(
-    __m512 v, const LevelCounter& lc, int64_t n, uint8_t* q) {
+    __m512 v, const Counter& lc, int64_t n, uint8_t* q) {
   StoreBytes(_mm512_cvtepi32_epi8(CountLevels16(v, lc)), n, q);
 }
 
@@ -584,11 +586,16 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void StoreTileNhwc(const fl
                                                                         const TileOut& o,
                                                                         int64_t P) {
   const __m512 zero = _mm512_setzero_ps();
-  const LevelCounter lc = QUANT && !T ? MakeLevelCounter(*o.levels) : LevelCounter{};
-  const LevelCounter lc2 = QUANT && !T && o.q2 ? MakeLevelCounter(*o.levels2) : LevelCounter{};
-  constexpr int TF = T > 0 ? T : 1;
-  const FixedCounter<TF> fc = MakeFixedCounter<TF>(T ? *o.levels : Levels{});
-  const FixedCounter<TF> fc2 = MakeFixedCounter<TF>(T && o.q2 ? *o.levels2 : Levels{});
+  using Counter = std::conditional_t<(T > 0), FixedCounter<(T > 0 ? T : 1)>, LevelCounter>;
+  auto make = [](const Levels& lv) -> Counter {
+    if constexpr (T > 0) {
+      return MakeFixedCounter<T>(lv);
+    } else {
+      return MakeLevelCounter(lv);
+    }
+  };
+  const Counter lc = QUANT ? make(*o.levels) : Counter{};
+  const Counter lc2 = QUANT && o.q2 ? make(*o.levels2) : Counter{};
   for (int64_t b = 0; b * kLanes < mcount; ++b) {
     const int64_t lanes = std::min<int64_t>(kLanes, mcount - b * kLanes);
     const __mmask16 mask = static_cast<__mmask16>((1u << lanes) - 1u);
@@ -607,13 +614,8 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void StoreTileNhwc(const fl
           _mm512_mask_storeu_ps(o.y + at, mask, v);
         }
       }
-      if constexpr (QUANT && T > 0) {
-        StoreBytes(_mm512_cvtepi32_epi8(CountLevelsFixed<T>(v, fc)), lanes, o.q + at);
-        if (o.q2) StoreBytes(_mm512_cvtepi32_epi8(CountLevelsFixed<T>(v, fc2)), lanes, o.q2 + at);
-      } else {
-        if (QUANT) StoreLevels(v, lc, lanes, o.q + at);
-        if (QUANT && o.q2) StoreLevels(v, lc2, lanes, o.q2 + at);
-      }
+      if (QUANT) StoreLevels(v, lc, lanes, o.q + at);
+      if (QUANT && o.q2) StoreLevels(v, lc2, lanes, o.q2 + at);
     }
   }
 }
@@ -934,12 +936,7 @@ void Pack(const Lut& lut, Kind kind, int64_t C, int64_t taps, Packed* p) {
   const int64_t M = lut.M, R = lut.R;
   Check(R == C * taps, "internal: packing ", R, " codes per row as ", C, " x ", taps);
   const int64_t blocks = (M + kLanes - 1) / kLanes, quads = (C + 3) / 4;
-  p->M = M;
-  p->R = R;
-  p->K = lut.K;
   p->kind = kind;
-  p->codes = lut.codes;
-  p->codebook = lut.codebook;
   if (kind == Kind::kFloat) {
     p->words.assign(static_cast<size_t>(CheckedMul(blocks, R, "packed codes")), 0);
   } else {
@@ -970,18 +967,11 @@ void Pack(const Lut& lut, Kind kind, int64_t C, int64_t taps, Packed* p) {
 
 std::shared_ptr<const Packed> Cache::Get(const Lut& lut, Kind kind, int64_t C, int64_t taps,
                                          bool constant) {
-  auto fresh = [&] {
+  return kept_.Get(constant, {lut.codes, lut.codebook, kind, lut.M, lut.R, lut.K}, [&] {
     auto p = std::make_shared<Packed>();
     Pack(lut, kind, C, taps, p.get());
     return std::shared_ptr<const Packed>(std::move(p));
-  };
-  if (!constant) return fresh();
-  std::lock_guard<std::mutex> lock(mu_);
-  if (!packed_ || packed_->codes != lut.codes || packed_->codebook != lut.codebook ||
-      packed_->kind != kind || packed_->M != lut.M || packed_->R != lut.R || packed_->K != lut.K) {
-    packed_ = fresh();
-  }
-  return packed_;
+  });
 }
 
 namespace {

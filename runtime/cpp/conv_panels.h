@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <memory>
 #include <mutex>
+#include <tuple>
 #include <vector>
 
 #include "common.h"
@@ -31,11 +32,7 @@ enum class Kind { kNone, kFloat, kInt8 };
 // kInt8: the levels as int8, panel p at p * quads * taps * 128 bytes, laid out
 //   [channel quad][tap][block][lane][4 channels of the quad] (zero past C).
 struct Packed {
-  int64_t M = 0, R = 0;
-  int K = 0;
   Kind kind = Kind::kNone;
-  const uint8_t* codes = nullptr;   // the Codes and Codebook tensors this was made from
-  const float* codebook = nullptr;
   std::vector<uint64_t> words;
   std::vector<int8_t> int8;
 };
@@ -56,8 +53,8 @@ class Cache {
                                     bool constant);
 
  private:
-  std::mutex mu_;
-  std::shared_ptr<const Packed> packed_;
+  // Codes, Codebook, kind, M, R, K of the copy kept
+  Kept<Packed, std::tuple<const uint8_t*, const float*, Kind, int64_t, int64_t, int>> kept_;
 };
 
 // LutConvQuant's levels on the int8 path straight from the exact int32 sums acc: for output

@@ -12,7 +12,7 @@
 #include <algorithm>
 #include <array>
 #include <memory>
-#include <mutex>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -372,8 +372,14 @@ struct ConvPoolQuant {
       path = Path::kAvx2;
     }
     const int64_t block = path == Path::kAvx512 ? kBlockLanes * kLanes : kBlockLanes2 * kLanes2;
+    // For the tiles; a constant W (an initializer) is packed on the first run and kept.
     const std::shared_ptr<const std::vector<float>> packed =
-        path == Path::kScalar ? nullptr : Packed(w.as<float>(), g.M, R, block);
+        path == Path::kScalar
+            ? nullptr
+            : packed_.Get(w_constant_, {w.as<float>(), g.M, R, block}, [&] {
+                return std::make_shared<const std::vector<float>>(
+                    PackWeights(w.as<float>(), g.M, R, block));
+              });
     const float* wk = path == Path::kScalar ? w.as<float>() : packed->data();
 
     // Bands: enough tasks for the pool at small batch, one per image at large batch.
@@ -436,26 +442,10 @@ struct ConvPoolQuant {
 
   std::vector<int64_t> kernel_, strides_, pads_, pool_kernel_, pool_strides_, pool_pads_;
   int64_t relu_ = 0;
-  // W packed for the tiles: for a constant W, made on the first run and kept.
-  std::shared_ptr<const std::vector<float>> Packed(const float* w, int64_t M, int64_t R,
-                                                   int64_t block) const {
-    auto fresh = [&] {
-      return std::make_shared<const std::vector<float>>(PackWeights(w, M, R, block));
-    };
-    if (!w_constant_) return fresh();
-    std::lock_guard<std::mutex> lock(mu_);
-    if (!packed_ || packed_block_ != block) {
-      packed_ = fresh();
-      packed_block_ = block;
-    }
-    return packed_;
-  }
-
   Isa isa_;
   bool w_constant_;
-  mutable std::mutex mu_;
-  mutable std::shared_ptr<const std::vector<float>> packed_;
-  mutable int64_t packed_block_ = 0;
+  // W packed for the tiles: its address, M, R and the tiles' block width
+  mutable Kept<std::vector<float>, std::tuple<const float*, int64_t, int64_t, int64_t>> packed_;
 };
 
 }  // namespace

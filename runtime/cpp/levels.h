@@ -68,7 +68,7 @@ __attribute__((target("avx512f"))) inline __m512i CountLevels16(__m512 v, const 
   return c;
 }
 
-// The same count for a number of thresholds T known at compile time (a layer's activation bits
+// CountLevels16 for a number of thresholds T known at compile time (a layer's activation bits
 // fix it): the thresholds sit in registers, set up once per tile instead of a branch on T and a
 // load per threshold for every vector. Same float32 product and compares as CountLevels16.
 template <int T>
@@ -77,8 +77,8 @@ struct FixedCounter {
   __m512 t[T];
 };
 
-// lv must have T thresholds; one with fewer (an absent Q2's empty Levels) gives a counter that
-// is never used, filled with zeros rather than reading past lv.t.
+// lv has T thresholds (the callers choose T from it); fewer would give zeros past lv.T rather
+// than a read past lv.t.
 template <int T>
 __attribute__((target("avx512f"))) inline FixedCounter<T> MakeFixedCounter(const Levels& lv) {
   FixedCounter<T> c;
@@ -88,8 +88,8 @@ __attribute__((target("avx512f"))) inline FixedCounter<T> MakeFixedCounter(const
 }
 
 template <int T>
-__attribute__((target("avx512f"))) inline __m512i CountLevelsFixed(__m512 v,
-                                                                   const FixedCounter<T>& fc) {
+__attribute__((target("avx512f"))) inline __m512i CountLevels16(__m512 v,
+                                                                const FixedCounter<T>& fc) {
   const __m512 sv = _mm512_mul_ps(fc.scale, v);
   const __m512i one = _mm512_set1_epi32(1);
   __m512i c = _mm512_setzero_si512();
