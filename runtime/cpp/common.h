@@ -296,9 +296,23 @@ struct Levels {
   const float* t = nullptr;
   int T = 0;
   float padded[16];  // t[0..min(T, 16)), then NaN: a register table of the thresholds
+  // For T > 15 (levels.h, CountMany16): lookup[k] = t[k - 1] for 1 <= k <= T, lookup[0] = -inf
+  // and NaN past T (gathered by count), and a linear estimate of the count,
+  // floor(lin_scale * v + lin_offset) (lin_scale 0 where the thresholds' spacing is 0 or not
+  // finite: the estimate is then T / 2 and the count a binary search).
+  float lookup[257];
+  float lin_scale = 0.0f, lin_offset = 0.0f;
+  // Where the estimate floor(lin_a * v + lin_b) in double (one fma) clamped to [0, T] is the
+  // exact count for every v (checked at every threshold: evenly spaced thresholds), it is
+  // the count, without the gathered corrections.
+  bool lin_exact = false;
+  double lin_a = 0.0, lin_b = 0.0;
 };
 Levels GetLevels(const Ort::KernelContext& ctx, size_t scale_index, size_t thresholds_index,
                  const char* scale_name, const char* thresholds_name);
+// Fills lv->lookup, lin_scale, lin_offset and lin_exact (with lin_a, lin_b) from lv->t and
+// lv->T > 15 (GetLevels does).
+void PrepareManyLevels(Levels* lv);
 
 inline float* GetOutputFloat(Ort::KernelContext& ctx, const Shape& shape) {
   auto v = ctx.GetOutput(0, shape);

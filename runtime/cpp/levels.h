@@ -10,20 +10,85 @@ namespace adq {
 
 // The per-call part of the count, set up once: the scale, the thresholds in a register table
 // (NaN past T, which no value reaches) and the first step of the binary search over them
-// (for 8 to 15 thresholds; fewer are counted one by one, more by a loop).
+// (for 8 to 15 thresholds; fewer are counted one by one, more by CountMany16).
 struct LevelCounter {
   __m512 scale;
   __m512 table;
-  int first;  // the largest power of two <= T for 8 <= T <= 15; 0: a linear count over lv->t
+  int first;  // the largest power of two <= T for 8 <= T <= 15; 0: T <= 7 or T > 15
   int T;
   const Levels* lv;
+  __m512 lin_scale, lin_offset;  // T > 15: the count's linear estimate (Levels)
+  __m512d lin_a, lin_b;          // and its exact form in double (lin_exact)
+  bool lin_exact;
 };
 
 __attribute__((target("avx512f"))) inline LevelCounter MakeLevelCounter(const Levels& lv) {
-  LevelCounter c{_mm512_set1_ps(lv.scale), _mm512_loadu_ps(lv.padded), 0, lv.T, &lv};
+  LevelCounter c{_mm512_set1_ps(lv.scale), _mm512_loadu_ps(lv.padded), 0, lv.T, &lv,
+                 _mm512_set1_ps(lv.lin_scale), _mm512_set1_ps(lv.lin_offset),
+                 _mm512_set1_pd(lv.lin_a), _mm512_set1_pd(lv.lin_b), lv.lin_exact && lv.T > 15};
   if (lv.T >= 8 && lv.T <= 15) {
     c.first = 1;
     while (2 * c.first <= lv.T) c.first *= 2;
+  }
+  return c;
+}
+
+// clamp(floor(fma(v, lin_a, lin_b)), 0, T) in double on 8 lanes (NaN -> 0: max's second operand).
+__attribute__((target("avx512f"))) inline __m256i EstimateExact8(__m256 v, const LevelCounter& lc) {
+  __m512d e = _mm512_fmadd_pd(_mm512_cvtps_pd(v), lc.lin_a, lc.lin_b);
+  e = _mm512_min_pd(_mm512_max_pd(e, _mm512_setzero_pd()),
+                    _mm512_set1_pd(static_cast<double>(lc.T)));
+  return _mm512_cvttpd_epi32(e);
+}
+
+// The count of more than 15 thresholds on the product sv. Where the linear estimate in double
+// is exact (Levels::lin_exact, checked when the thresholds are set up: evenly spaced ones), it
+// is the count. Otherwise the linear estimate
+// floor(lin_scale * sv + lin_offset) clamped to [0, T] (NaN: 0), then corrected against the
+// gathered thresholds around it, lookup[c + 1] = t[c] (NaN past T: never reached) and
+// lookup[c] = t[c - 1] (-inf for c = 0), one step per round in the lanes where the count is
+// off, until no lane moves: exact for any sorted thresholds, one round (two gathers) for
+// evenly spaced ones. A lane moves one way only (the count is monotone in the thresholds), so
+// after three rounds the lanes still moving finish with a binary search (8 gathers: at most
+// 255 thresholds) instead of up to 255 rounds.
+__attribute__((target("avx512f"))) inline __m512i CountMany16(__m512 sv, const LevelCounter& lc) {
+  if (lc.lin_exact) {
+    // The estimate in double is the count (checked at every threshold, Levels::lin_exact):
+    // 8 lanes at a time, no corrections.
+    const __m256i lo = EstimateExact8(_mm512_castps512_ps256(sv), lc);
+    const __m256i hi =
+        EstimateExact8(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(sv), 1)), lc);
+    return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+  }
+  const float* tab = lc.lv->lookup;
+  const __m512i one = _mm512_set1_epi32(1);
+  __m512 e = _mm512_fmadd_ps(sv, lc.lin_scale, lc.lin_offset);
+  e = _mm512_max_ps(e, _mm512_setzero_ps());  // NaN (NaN sv, inf * 0) -> 0: the second operand
+  e = _mm512_min_ps(e, _mm512_set1_ps(static_cast<float>(lc.T)));
+  __m512i c = _mm512_cvttps_epi32(e);  // e >= 0: truncation is floor
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i odd = _mm512_add_epi32(even, one);
+  for (int round = 0;; ++round) {
+    // (t[c - 1], t[c]) = lookup[c], lookup[c + 1]: one 8-byte pair per lane (two gathers of 8
+    // lanes load half the elements of two 16-lane gathers), split into below and above.
+    const __m512 p0 = _mm512_castsi512_ps(_mm512_i32gather_epi64(_mm512_castsi512_si256(c), tab, 4));
+    const __m512 p1 = _mm512_castsi512_ps(
+        _mm512_i32gather_epi64(_mm512_extracti64x4_epi64(c, 1), tab, 4));
+    const __m512 below = _mm512_permutex2var_ps(p0, even, p1);  // t[c - 1]
+    const __m512 above = _mm512_permutex2var_ps(p0, odd, p1);   // t[c]
+    const __mmask16 up = _mm512_cmp_ps_mask(above, sv, _CMP_LE_OQ);  // NaN sv: never
+    const __mmask16 down = _mm512_cmp_ps_mask(below, sv, _CMP_GT_OQ);
+    if ((up | down) == 0) return c;
+    if (round == 2) break;
+    c = _mm512_mask_add_epi32(c, up, c, one);
+    c = _mm512_mask_sub_epi32(c, down, c, one);
+  }
+  // Branch-free binary search: c grows by 128, 64, ..., 1 while t[c + step - 1] <= sv.
+  c = _mm512_setzero_si512();
+  for (int step = 128; step >= 1; step >>= 1) {
+    const __m512i cand = _mm512_add_epi32(c, _mm512_set1_epi32(step));
+    const __m512 t = _mm512_i32gather_ps(cand, tab, 4);
+    c = _mm512_mask_mov_epi32(c, _mm512_cmp_ps_mask(t, sv, _CMP_LE_OQ), cand);
   }
   return c;
 }
@@ -64,8 +129,7 @@ __attribute__((target("avx512f"))) inline __m512i CountLevels16(__m512 v, const 
     }
     return c;
   }
-  for (int k = 0; k < lc.T; ++k) c = AddIfGe(c, sv, lc.lv->t[k]);
-  return c;
+  return CountMany16(sv, lc);
 }
 
 // CountLevels16 for a number of thresholds T known at compile time (a layer's activation bits

@@ -2,6 +2,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cmath>
 #include <limits>
 
 #include "common.h"
@@ -96,6 +97,52 @@ struct ThresholdQuant {
 
 }  // namespace
 
+void PrepareManyLevels(Levels* lv) {
+  const int T = lv->T;
+  lv->lookup[0] = -std::numeric_limits<float>::infinity();
+  for (int k = 1; k <= 256; ++k) {
+    lv->lookup[k] = k <= T ? lv->t[k - 1] : std::numeric_limits<float>::quiet_NaN();
+  }
+  // c ~ (v - t[0]) / d + 1 with d the mean spacing: exact up to rounding for evenly spaced
+  // thresholds (one round of corrections), any other estimate still gives the exact count.
+  const double t0 = lv->t[0], d = (static_cast<double>(lv->t[T - 1]) - t0) / (T - 1);
+  lv->lin_scale = 0.0f;
+  lv->lin_offset = static_cast<float>(T / 2);
+  lv->lin_exact = false;
+  if (std::isfinite(t0) && std::isfinite(d) && d > 0.0) {
+    const double a = 1.0 / d, b = 1.0 - t0 / d;
+    if (std::isfinite(static_cast<float>(a)) && std::isfinite(static_cast<float>(b)) &&
+        static_cast<float>(a) > 0.0f) {
+      lv->lin_scale = static_cast<float>(a);
+      lv->lin_offset = static_cast<float>(b);
+    }
+    // The double estimate f(v) = clamp(floor(fma(v, a, b)), 0, T) is monotone in v, and the
+    // count g(v) a step function rising at the thresholds: f == g everywhere (NaN and
+    // infinities included, the thresholds being finite here) when at every threshold t
+    // f(t) >= #{t_k <= t} and f(the float below t) <= #{t_k < t}.
+    if (std::isfinite(a) && std::isfinite(b) && a > 0.0 && std::isfinite(lv->t[T - 1])) {
+      auto f = [&](float v) {
+        double e = std::fma(static_cast<double>(v), a, b);
+        e = std::min(std::max(e, 0.0), static_cast<double>(T));
+        return static_cast<int>(e);  // truncation: floor of e >= 0
+      };
+      bool exact = true;
+      for (int k = 0, lt = 0; k < T && exact; ++k) {
+        if (k > 0 && lv->t[k] != lv->t[k - 1]) lt = k;  // #{t_j < t[k]}
+        int le = k + 1;                                 // #{t_j <= t[k]}
+        while (le < T && lv->t[le] == lv->t[k]) ++le;
+        const float below = std::nextafter(lv->t[k], -std::numeric_limits<float>::infinity());
+        exact = f(lv->t[k]) >= le && f(below) <= lt;
+      }
+      if (exact) {
+        lv->lin_exact = true;
+        lv->lin_a = a;
+        lv->lin_b = b;
+      }
+    }
+  }
+}
+
 Levels GetLevels(const Ort::KernelContext& ctx, size_t scale_index, size_t thresholds_index,
                  const char* scale_name, const char* thresholds_name) {
   Tensor scale = GetInput(ctx, scale_index, scale_name, kF32, -1);
@@ -115,11 +162,12 @@ Levels GetLevels(const Ort::KernelContext& ctx, size_t scale_index, size_t thres
   for (int k = 0; k < 16; ++k) {
     lv.padded[k] = k < lv.T ? lv.t[k] : std::numeric_limits<float>::quiet_NaN();
   }
+  if (lv.T > 15) PrepareManyLevels(&lv);
   return lv;
 }
 
 void CountLevels(const float* x, int64_t n, const Levels& lv, uint8_t* q, Isa isa) {
-  if (isa == Isa::kAvx512 && lv.T <= 15) {
+  if (isa == Isa::kAvx512) {  // any T (more than 15: estimate and gathered corrections)
     CountAvx512(x, n, lv, q);
   } else if (lv.T > 24) {
     CountSorted(x, n, lv.scale, lv.t, lv.T, q);
