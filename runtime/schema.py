@@ -139,6 +139,25 @@ OPS: tuple[OpDecl, ...] = (
         ),
     ),
     OpDecl(
+        "LutConvPoolQuant",
+        "Y = MaxPool([relu](Scale[m] * conv(X - x_zero_point, Codebook[unpack(Codes)]) + "
+        "Bias[m])) channels last, Q = ThresholdQuant(Y, QScale, QThresholds): ConvPoolQuant on "
+        "uint8 input levels (padding is level x_zero_point) with codebook weights.",
+        (*_LUT_INPUTS, *_QUANT),
+        (Param("Y", "float"), Param("Q", "uint8")),
+        (
+            Attr("bits", "int"),
+            Attr("kernel_shape", "ints"),
+            Attr("strides", "ints", (1, 1)),
+            Attr("pads", "ints", (0, 0, 0, 0)),
+            Attr("x_zero_point", "int", 0),
+            Attr("relu", "int", 0),
+            Attr("pool_kernel_shape", "ints", (1, 1)),
+            Attr("pool_strides", "ints", (1, 1)),
+            Attr("pool_pads", "ints", (0, 0, 0, 0)),
+        ),
+    ),
+    OpDecl(
         "LutGemm",
         "Y = Scale[m] * X @ Codebook[unpack(Codes)]^T + Bias[m] on uint8 levels X [N, K].",
         _LUT_INPUTS,
@@ -255,11 +274,12 @@ def _infer_lut_conv(ctx: onnx.shape_inference.InferenceContext, op: str) -> None
         _set_output(ctx, dtype, dims, index)
 
 
-def _infer_conv_pool_quant(ctx: onnx.shape_inference.InferenceContext) -> None:
-    """Y (float) and Q (uint8): [N, PH, PW, M], N from X, M = W.shape[0], PH / PW through the
-    convolution and the pooling window."""
-    op = "ConvPoolQuant"
-    x, w = _input_dims(ctx, 0, 4), _input_dims(ctx, 1, 4)
+def _infer_conv_pool_quant(
+    ctx: onnx.shape_inference.InferenceContext, op: str = "ConvPoolQuant"
+) -> None:
+    """Y (float) and Q (uint8): [N, PH, PW, M], N from X, M = W.shape[0] (LutConvPoolQuant:
+    Codes.shape[0]), PH / PW through the convolution and the pooling window."""
+    x, w = _input_dims(ctx, 0, 4), _input_dims(ctx, 1, 4 if op == "ConvPoolQuant" else 2)
     hw: list[int | None] = [None, None]
     if x is not None:
         hw = _conv_out_hw(ctx, op, x[2:], ("kernel_shape", "strides", "pads", None))
@@ -282,6 +302,7 @@ _INFERENCE: dict[str, InferenceFunction] = {
     "LutConvQuant": partial(_infer_lut_conv, op="LutConvQuant"),
     "LutGemm": _infer_lut_gemm,
     "ConvPoolQuant": _infer_conv_pool_quant,
+    "LutConvPoolQuant": partial(_infer_conv_pool_quant, op="LutConvPoolQuant"),
 }
 
 

@@ -18,6 +18,12 @@ bool HasVbmi() {
   return has;
 }
 
+bool HasVnni() {
+  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+  return has;
+}
+
 Isa SelectIsa() {
   static const Isa cpu = [] {
     __builtin_cpu_init();

@@ -386,6 +386,9 @@ Isa SelectIsa();
 
 // Whether the CPU has AVX-512 VBMI (byte permutes) besides F, BW and VL.
 bool HasVbmi();
+// Whether the CPU has AVX-512 VNNI besides F, BW and VL: what the int8 kernels use (VNNI sums,
+// BW byte shuffles, VL masked 128-bit loads and stores).
+bool HasVnni();
 
 // q[i] = #{k : lv.scale * x[i] >= lv.t[k]} (NaN: 0), x and q of n entries (ThresholdQuant).
 void CountLevels(const float* x, int64_t n, const Levels& lv, uint8_t* q, Isa isa);
@@ -439,5 +442,6 @@ const OrtCustomOp* LutConvOp();
 const OrtCustomOp* LutConvQuantOp();
 const OrtCustomOp* LutGemmOp();
 const OrtCustomOp* ConvPoolQuantOp();
+const OrtCustomOp* LutConvPoolQuantOp();
 
 }  // namespace adq

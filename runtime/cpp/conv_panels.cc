@@ -804,15 +804,6 @@ constexpr std::array<TileFn, kMaxQAvx2> kTilesAvx2[2] = {
     TilesAvx2<false>(std::make_index_sequence<kMaxQAvx2>{}),
     TilesAvx2<true>(std::make_index_sequence<kMaxQAvx2>{})};
 
-// What the int8 kernels use: VNNI sums, BW byte shuffles, VL masked 128-bit loads and stores.
-bool HasVnni() {
-  static const bool has = __builtin_cpu_supports("avx512f") &&
-                          __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512vl") &&
-                          __builtin_cpu_supports("avx512vnni");
-  return has;
-}
-
 // Interleaves 4 uint8 rows (nullptr: zeros) into dst[4 * i + r] = rows[r][i], i < n: byte and
 // word unpacks, 16 columns at a time, the last < 16 columns through masked loads and stores (a
 // scalar tail had cost as much as the rest: 8 of the 56 columns of ResNet-18's first layers).

@@ -19,6 +19,7 @@ constexpr OpFactory kOps[] = {
     LutConvOp,
     LutConvQuantOp,
     ConvPoolQuantOp,
+    LutConvPoolQuantOp,
     LutGemmOp,
 };
 

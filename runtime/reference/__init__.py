@@ -15,12 +15,21 @@ from onnx.reference import ReferenceEvaluator
 
 from runtime.reference.op_conv_pool_quant import ConvPoolQuant
 from runtime.reference.op_lut_conv import LutConv
+from runtime.reference.op_lut_conv_pool_quant import LutConvPoolQuant
 from runtime.reference.op_lut_conv_quant import LutConvQuant
 from runtime.reference.op_lut_dequant import LutDequant
 from runtime.reference.op_lut_gemm import LutGemm
 from runtime.reference.op_threshold_quant import ThresholdQuant
 
-ALL_OPS = [ThresholdQuant, LutDequant, LutConv, LutConvQuant, ConvPoolQuant, LutGemm]
+ALL_OPS = [
+    ThresholdQuant,
+    LutDequant,
+    LutConv,
+    LutConvQuant,
+    ConvPoolQuant,
+    LutConvPoolQuant,
+    LutGemm,
+]
 
 
 def evaluator(model_or_path: onnx.ModelProto | str | os.PathLike) -> ReferenceEvaluator:
@@ -42,6 +51,7 @@ __all__ = [
     "ALL_OPS",
     "ConvPoolQuant",
     "LutConv",
+    "LutConvPoolQuant",
     "LutConvQuant",
     "LutDequant",
     "LutGemm",

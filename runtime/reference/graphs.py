@@ -18,6 +18,7 @@ _OUTPUT_RANK = {
     "LutConvQuant": lambda inputs, attrs: 4,
     "LutGemm": lambda inputs, attrs: 2,
     "ConvPoolQuant": lambda inputs, attrs: 4,
+    "LutConvPoolQuant": lambda inputs, attrs: 4,
 }
 
 
