@@ -136,6 +136,20 @@ def _int_list(value: str) -> tuple[int, ...]:
 @click.option("--ema/--no-ema", default=True, help="EMA adaptation of the codebooks during QAT.")
 @click.option("--ema-beta", default=0.99, type=click.FloatRange(0, 1, max_open=True))
 @click.option(
+    "--edge-bits",
+    type=click.Choice(["8"]),
+    default=None,
+    help="Quantize the first and last layer at W8A8 (default: keep them in float).",
+)
+@click.option(
+    "--input-bits",
+    type=click.Choice(["8"]),
+    default=None,
+    help="With --edge-bits 8: also quantize the network input onto 8-bit levels with a zero "
+    "point, so that the first layer runs in integers (the adq --int-codebooks export fuses it "
+    "into one LutConvPoolQuant).",
+)
+@click.option(
     "--allocation",
     type=click.Choice(["sensitivity", "no-hessian", "fixed"]),
     default="sensitivity",
@@ -173,6 +187,10 @@ def train_main(**kw: Any) -> None:
     """
     from .train import TrainArgs, run
 
+    for key in ("edge_bits", "input_bits"):
+        kw[key] = None if kw[key] is None else int(kw[key])
+    if kw["input_bits"] is not None and kw["edge_bits"] is None:
+        raise ValueError("--input-bits 8 quantizes the first layer's input: add --edge-bits 8")
     args = TrainArgs(**kw)
     argv = sys.argv[1:]
     if argv[:1] == ["train"]:  # invoked as `adq train ...` or `python -m adq_deploy.cli train`

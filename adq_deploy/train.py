@@ -54,6 +54,8 @@ class TrainArgs:
     w_form: str = "full"
     ema: bool = True
     ema_beta: float = 0.99
+    edge_bits: int | None = None
+    input_bits: int | None = None
     allocation: str = "sensitivity"
     sensitivity_batches: int = 4
     hutchinson_probes: int = 8
@@ -437,6 +439,8 @@ def run(args: TrainArgs, command: str | None = None) -> Path:
         ema=args.ema,
         ema_beta=args.ema_beta,
         act=args.act,
+        edge_bits=args.edge_bits,
+        input_bits=args.input_bits,
     )
     if resume_state is not None and resume_state.get("stage") == "qat":
         layer_bits, alloc_info = resume_state["layer_bits"], resume_state["allocation"]

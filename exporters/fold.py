@@ -20,7 +20,7 @@ import torch
 from onnx import helper
 
 from adq_deploy.checkpoint import Checkpoint
-from adq_deploy.quant import LSQ, N2UQ, QuantConv2d, QuantLayerMixin, assign
+from adq_deploy.quant import LSQ, N2UQ, InputQuant, QuantConv2d, QuantLayerMixin, assign
 from adq_deploy.quant.apply import average_bits
 
 from .graph import constant_value, consumers, remove_unused
@@ -29,13 +29,17 @@ from .skeleton import PLACEHOLDER, export_skeleton
 
 @dataclass
 class FoldedInput:
-    """Input quantizer: level q = #{i : scale * x >= thresholds[i]}, value of a level = step."""
+    """Input quantizer: level q = #{i : scale * x >= thresholds[i]}, value (q - zero_point) * step.
+
+    zero_point is 0 but for a quantized network input (InputQuant), whose zero padding is level
+    zero_point."""
 
     kind: str
     bits: int
     scale: np.ndarray  # float32 scalar
     thresholds: np.ndarray  # float32 [L-1], non-decreasing
     step: np.ndarray  # float32 scalar
+    zero_point: int = 0
 
 
 @dataclass
@@ -78,7 +82,8 @@ class FoldedModel:
 
 
 def fold_input(quant: torch.nn.Module | None) -> FoldedInput | None:
-    """N2UQ -> (alpha1, T_i, alpha2 * 2/(L-1)); LSQ -> (1/s, i - 1/2, s) (ties: see docs)."""
+    """N2UQ -> (alpha1, T_i, alpha2 * 2/(L-1)); LSQ -> (1/s, i - 1/2, s) (ties: see docs);
+    InputQuant -> (1/s, i - z - 1/2, s, z)."""
     if quant is None:
         return None
     with torch.no_grad():
@@ -99,6 +104,15 @@ def fold_input(quant: torch.nn.Module | None) -> FoldedInput | None:
                 (1.0 / s).numpy().astype(np.float32),
                 levels,
                 s.numpy().astype(np.float32),
+            )
+        if isinstance(quant, InputQuant):
+            return FoldedInput(
+                "input",
+                quant.bits,
+                quant.scale_in().numpy().astype(np.float32),
+                quant.thresholds().numpy().astype(np.float32),
+                quant.step().float().numpy().astype(np.float32),
+                int(quant.zero_point),
             )
     raise ValueError(f"unsupported activation quantizer {type(quant).__name__}")
 

@@ -502,14 +502,11 @@ def _window_ok(node: onnx.NodeProto, kernel: list[int]) -> bool:
     return True
 
 
-def fuse_conv_pool_quant(graph: onnx.GraphProto, domain: str) -> int:
-    """Fold a float first layer up to the next layer's levels, ``Conv [-> Relu] [-> MaxPool]
-    -> Transpose to NHWC -> ThresholdQuant``, into one ConvPoolQuant (docs/onnx-ops.md) where the
-    Conv has one group and a constant 4-D weight, and each tensor before the Transpose has no
-    other reader. The Transpose's output stays (as Y) for its other readers, such as the first
-    residual block. Returns the number of nodes made."""
+def _stem_chains(graph: onnx.GraphProto, domain: str, ops: tuple[str, ...]):
+    """Each ``ThresholdQuant`` of an NHWC Transpose with the standard nodes ``ops`` (bottom up,
+    each optional but the last) above it, every tensor in between read only by the next node:
+    yields (ThresholdQuant, Transpose, chain from the Transpose up)."""
     outputs = {o.name for o in graph.output}
-    fused = 0
     for tq in [n for n in graph.node if _is(n, "ThresholdQuant", (domain,))]:
         t = _producer(graph, tq.input[0])
         if t is None or not _is(t, "Transpose", STANDARD_DOMAINS):
@@ -519,32 +516,58 @@ def fuse_conv_pool_quant(graph: onnx.GraphProto, domain: str) -> int:
         if sum(_is(r, "ThresholdQuant", (domain,)) for r in consumers(graph, t.output[0])) != 1:
             continue
         chain, value = [t], t.input[0]
-        for op_type in ("MaxPool", "Relu", "Conv"):
+        for op_type in ops:
             node = _producer(graph, value)
             if node is None or _sole_reader(graph, value, outputs) != chain[-1]:
                 break
             if _is(node, op_type, STANDARD_DOMAINS):
                 chain.append(node)
                 value = node.input[0]
+        if chain[-1].op_type == ops[-1]:
+            yield tq, t, chain
+
+
+def _pool_attrs(chain: list[onnx.NodeProto], conv: onnx.NodeProto, kernel: list[int]) -> dict:
+    """ConvPoolQuant's window attributes from a chain, or {} where it cannot take them."""
+    pool = next((n for n in chain if n.op_type == "MaxPool"), None)
+    if not _window_ok(conv, kernel) or not (
+        pool is None or _window_ok(pool, _attr(pool, "kernel_shape", []))
+    ):
+        return {}
+    attrs: dict[str, int | list[int]] = {
+        "kernel_shape": kernel,
+        "strides": _attr(conv, "strides", [1, 1]),
+        "pads": _attr(conv, "pads", [0, 0, 0, 0]),
+        "relu": int(any(n.op_type == "Relu" for n in chain)),
+    }
+    if pool is not None:
+        attrs["pool_kernel_shape"] = _attr(pool, "kernel_shape", [])
+        attrs["pool_strides"] = _attr(pool, "strides", [1, 1])
+        attrs["pool_pads"] = _attr(pool, "pads", [0, 0, 0, 0])
+    return attrs
+
+
+def _replace(graph: onnx.GraphProto, old: list[onnx.NodeProto], node: onnx.NodeProto) -> None:
+    for n in old:
+        graph.node.remove(n)
+    graph.node.append(node)
+
+
+def fuse_conv_pool_quant(graph: onnx.GraphProto, domain: str) -> int:
+    """Fold a float first layer up to the next layer's levels, ``Conv [-> Relu] [-> MaxPool]
+    -> Transpose to NHWC -> ThresholdQuant``, into one ConvPoolQuant (docs/onnx-ops.md) where the
+    Conv has one group and a constant 4-D weight, and each tensor before the Transpose has no
+    other reader. The Transpose's output stays (as Y) for its other readers, such as the first
+    residual block. Returns the number of nodes made."""
+    fused = 0
+    for tq, t, chain in list(_stem_chains(graph, domain, ("MaxPool", "Relu", "Conv"))):
         conv = chain[-1]
-        w = constant_value(graph, conv.input[1]) if _is(conv, "Conv", STANDARD_DOMAINS) else None
+        w = constant_value(graph, conv.input[1])
         if w is None or w.ndim != 4 or w.dtype != np.float32 or _attr(conv, "group", 1) != 1:
             continue
-        pool = next((n for n in chain if n.op_type == "MaxPool"), None)
-        if not _window_ok(conv, list(w.shape[2:])) or not (
-            pool is None or _window_ok(pool, _attr(pool, "kernel_shape", []))
-        ):
+        attrs = _pool_attrs(chain, conv, list(w.shape[2:]))
+        if not attrs:
             continue
-        attrs: dict[str, int | list[int]] = {
-            "kernel_shape": list(w.shape[2:]),
-            "strides": _attr(conv, "strides", [1, 1]),
-            "pads": _attr(conv, "pads", [0, 0, 0, 0]),
-            "relu": int(any(n.op_type == "Relu" for n in chain)),
-        }
-        if pool is not None:
-            attrs["pool_kernel_shape"] = _attr(pool, "kernel_shape", [])
-            attrs["pool_strides"] = _attr(pool, "strides", [1, 1])
-            attrs["pool_pads"] = _attr(pool, "pads", [0, 0, 0, 0])
         node = helper.make_node(
             "ConvPoolQuant",
             [*_padded(conv.input, 3), tq.input[1], tq.input[2]],  # X, W, B; QScale, QThresholds
@@ -553,13 +576,79 @@ def fuse_conv_pool_quant(graph: onnx.GraphProto, domain: str) -> int:
             domain=domain,
             **attrs,
         )
-        for n in [*chain, tq]:
-            graph.node.remove(n)
-        graph.node.append(node)
+        _replace(graph, [*chain, tq], node)
         fused += 1
     if fused:
         topological_sort(graph)
     return fused
+
+
+def _channel_vector(value: np.ndarray | None, m: int) -> np.ndarray | None:
+    """A per-channel float32 constant (scalar, [M], [M, 1, 1] or [1, M, 1, 1]) as [M]."""
+    if value is None or value.dtype != np.float32:
+        return None
+    if value.size != 1 and value.shape not in ((m,), (m, 1, 1), (1, m, 1, 1)):
+        return None
+    return np.broadcast_to(value.reshape(-1), (m,)).astype(np.float32)
+
+
+def fuse_lut_conv_pool_quant(graph: onnx.GraphProto, domain: str) -> int:
+    """Fold an integer first layer (a quantized network input) up to the next layer's levels,
+    ``DequantizeLinear(levels) -> Conv(LutDequant weight) [-> Mul] [-> Add] [-> Relu]
+    [-> MaxPool] -> Transpose to NHWC -> ThresholdQuant``, into one LutConvPoolQuant that reads
+    the uint8 levels and the packed codes themselves (docs/onnx-ops.md): Scale is the level step
+    times the Mul's per-channel factor, Bias the Add's, x_zero_point the levels' zero point.
+    Same conditions as fuse_conv_pool_quant. Returns the number of nodes made."""
+    outputs = {o.name for o in graph.output}
+    ops = ("MaxPool", "Relu", "Add", "Mul", "Conv")
+    fused = 0
+    for tq, t, chain in list(_stem_chains(graph, domain, ops)):
+        conv = chain[-1]
+        dq, lut = _producer(graph, conv.input[0]), _producer(graph, conv.input[1])
+        if dq is None or not _is(dq, "DequantizeLinear", STANDARD_DOMAINS):
+            continue
+        if lut is None or not _is(lut, "LutDequant", (domain,)) or _padded(conv.input, 3)[2]:
+            continue
+        if any(_sole_reader(graph, v, outputs) != conv for v in (dq.output[0], lut.output[0])):
+            continue
+        step = constant_value(graph, dq.input[1])
+        zp = constant_value(graph, dq.input[2]) if len(dq.input) > 2 and dq.input[2] else None
+        shape = _attr(lut, "shape", [])
+        if step is None or step.size != 1 or zp is None or zp.dtype != np.uint8 or zp.size != 1:
+            continue
+        if len(shape) != 4 or _attr(conv, "group", 1) != 1:
+            continue
+        m = shape[0]
+        mul = next((n for n in chain if n.op_type == "Mul"), None)
+        add = next((n for n in chain if n.op_type == "Add"), None)
+        factor = np.ones(m, np.float32) if mul is None else _operand(graph, mul, m)
+        bias = np.zeros(m, np.float32) if add is None else _operand(graph, add, m)
+        attrs = _pool_attrs(chain, conv, list(shape[2:]))
+        if factor is None or bias is None or not attrs:
+            continue
+        scale = add_initializer(graph, f"{conv.name}/Scale", (step.astype(np.float32) * factor))
+        bias_name = add_initializer(graph, f"{conv.name}/Bias", bias)
+        node = helper.make_node(
+            "LutConvPoolQuant",
+            [dq.input[0], *lut.input[:2], scale, bias_name, tq.input[1], tq.input[2]],
+            [t.output[0], tq.output[0]],
+            name=f"{conv.name or conv.output[0]}/LutConvPoolQuant",
+            domain=domain,
+            bits=_attr(lut, "bits", 0),
+            x_zero_point=int(zp.reshape(-1)[0]),
+            **attrs,
+        )
+        _replace(graph, [dq, lut, *chain, tq], node)
+        fused += 1
+    if fused:
+        remove_unused(graph)
+        topological_sort(graph)
+    return fused
+
+
+def _operand(graph: onnx.GraphProto, node: onnx.NodeProto, m: int) -> np.ndarray | None:
+    """The per-channel constant operand of a Mul / Add on the chain (the other one flows)."""
+    return _channel_vector(constant_value(graph, node.input[1]), m)
 
 
 def remove_unused(graph: onnx.GraphProto) -> None:

@@ -2,6 +2,8 @@
 
 Layer with a quantized input:  ThresholdQuant(x) -> uint8 levels -> LutConv / LutGemm.
 Layer with a float input (a W8 first layer): LutDequant -> Conv / Gemm -> Mul / Add.
+First layer on a quantized network input (input_bits): ThresholdQuant -> DequantizeLinear (the
+level values (q - z) * step, zero-padded as the model pads) -> the float-input form.
 A Relu read only by ThresholdQuant nodes (positive scale and thresholds) is dropped: it cannot
 change their levels. Then what follows a LutConv is fused into it (exporters.graph.fuse_lut_conv):
 a residual Add whose other operand provably has the output's shape (LutConv's Residual input)
@@ -22,7 +24,9 @@ downsampling shortcut is folded into the convolution whose output it adds
 (exporters.graph.fuse_shortcut): the kernel adds its 1x1 sums tile by tile, and the float
 tensor between the two is never written. The float first layer with its Relu and max pooling,
 up to the levels of the first quantized layer, becomes one ConvPoolQuant
-(exporters.graph.fuse_conv_pool_quant).
+(exporters.graph.fuse_conv_pool_quant); an integer first layer (a quantized network input,
+whose values DequantizeLinear gives the float layer) one LutConvPoolQuant, on the levels and
+the packed codes (exporters.graph.fuse_lut_conv_pool_quant).
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from .graph import (
     fold_constants,
     fuse_conv_pool_quant,
     fuse_lut_conv,
+    fuse_lut_conv_pool_quant,
     fuse_shortcut,
     to_channels_last,
 )
@@ -72,6 +77,39 @@ def threshold_node(
     return node, q
 
 
+def emit_float_input(
+    graph: onnx.GraphProto,
+    layer: FoldedLayer,
+    x: str,
+    y: str,
+    codes: str,
+    codebook: str,
+    s_w: np.float32,
+) -> list[onnx.NodeProto]:
+    """A layer on a float input: LutDequant -> Conv / Gemm -> Mul / Add."""
+    w = f"{layer.name}/weight"
+    nodes = [
+        helper.make_node(
+            "LutDequant",
+            [codes, codebook],
+            [w],
+            name=f"{layer.name}/LutDequant",
+            domain=DOMAIN,
+            bits=layer.bits,
+            shape=list(layer.codes.shape),
+        )
+    ]
+    acc = f"{layer.name}/acc"
+    if layer.kind == "conv":
+        nodes.append(
+            helper.make_node("Conv", [x, w], [acc], name=f"{layer.name}/Conv", **layer.conv)
+        )
+    else:
+        nodes.append(helper.make_node("Gemm", [x, w], [acc], name=f"{layer.name}/Gemm", transB=1))
+    out_scale = (layer.out_scale * s_w).astype(np.float32)
+    return nodes + affine_nodes(graph, layer, acc, y, out_scale)
+
+
 def emit_adq(
     graph: onnx.GraphProto, layer: FoldedLayer, x: str, y: str, int_codebooks: bool = False
 ) -> list[onnx.NodeProto]:
@@ -82,30 +120,19 @@ def emit_adq(
         scale_w, ints, _ = snapped(layer)
         levels, s_w = ints.astype(np.float32), np.float32(scale_w)
     codebook = init(graph, layer, "codebook", levels)
+    if layer.act is not None and layer.act.kind == "input":
+        # a quantized network input: its levels, then their values (q - z) * step, which
+        # zero-pad as the model does; the float layer follows (one LutConvPoolQuant when fused)
+        tq, q = threshold_node(graph, layer, x)
+        x = f"{layer.name}/input_value"
+        zp = init(graph, layer, "act_zero_point", np.array(layer.act.zero_point, np.uint8))
+        step = init(graph, layer, "act_step", layer.act.step.reshape(()))
+        dq = helper.make_node(
+            "DequantizeLinear", [q, step, zp], [x], name=f"{layer.name}/DequantizeLinear"
+        )
+        return [tq, dq, *emit_float_input(graph, layer, x, y, codes, codebook, s_w)]
     if layer.act is None:
-        w = f"{layer.name}/weight"
-        nodes = [
-            helper.make_node(
-                "LutDequant",
-                [codes, codebook],
-                [w],
-                name=f"{layer.name}/LutDequant",
-                domain=DOMAIN,
-                bits=layer.bits,
-                shape=list(layer.codes.shape),
-            )
-        ]
-        acc = f"{layer.name}/acc"
-        if layer.kind == "conv":
-            nodes.append(
-                helper.make_node("Conv", [x, w], [acc], name=f"{layer.name}/Conv", **layer.conv)
-            )
-        else:
-            nodes.append(
-                helper.make_node("Gemm", [x, w], [acc], name=f"{layer.name}/Gemm", transB=1)
-            )
-        out_scale = (layer.out_scale * s_w).astype(np.float32)
-        return nodes + affine_nodes(graph, layer, acc, y, out_scale)
+        return emit_float_input(graph, layer, x, y, codes, codebook, s_w)
     tq, q = threshold_node(graph, layer, x)
     scale = init(graph, layer, "scale", (layer.act.step * s_w * layer.out_scale).astype(np.float32))
     bias = init(graph, layer, "bias", layer.out_bias)
@@ -137,6 +164,7 @@ def write_adq(
         shortcuts = fuse_shortcut(model.graph, DOMAIN)
         layers = to_channels_last(model.graph, DOMAIN)
         stems = fuse_conv_pool_quant(model.graph, DOMAIN)
+        stems += fuse_lut_conv_pool_quant(model.graph, DOMAIN)
         log.debug(
             "adq: %d shortcuts fused, %d layers channels-last, %d first layers with pooling fused",
             shortcuts,

@@ -22,7 +22,7 @@ from adq_deploy.checkpoint import Checkpoint
 from adq_deploy.quant import QuantLayerMixin
 
 from .fold import FoldedLayer, FoldedModel
-from .write_standard import level_nodes
+from .write_standard import count_nodes
 from .writer import affine_nodes, init, replace_placeholders, set_metadata, set_opsets
 
 OPSET = 21
@@ -68,21 +68,27 @@ def emit_int8(graph: onnx.GraphProto, layer: FoldedLayer, x: str, y: str) -> lis
         else:
             nodes.append(helper.make_node("Gemm", [x, f"{n}/weight"], [acc], transB=1))
         return nodes + affine_nodes(graph, layer, acc, y, layer.out_scale)
-    act_nodes, _ = level_nodes(graph, layer, x)
-    nodes += act_nodes[:-1]  # levels as float; the level value goes into the output scale
+    act_nodes, levels = count_nodes(graph, layer, x)
+    nodes += act_nodes  # levels as float; the level value goes into the output scale
     q = f"{n}/q_u8"
-    nodes.append(
-        helper.make_node("Cast", [f"{n}/levels"], [q], name=f"{n}/CastQ", to=TensorProto.UINT8)
-    )
+    nodes.append(helper.make_node("Cast", [levels], [q], name=f"{n}/CastQ", to=TensorProto.UINT8))
+    # the zero point of a quantized network input: level z is zero, padding included
+    zp = []
+    if layer.act.zero_point:
+        zp = [init(graph, layer, "act_zero_point", np.array(layer.act.zero_point, np.uint8))]
     acc_i = f"{n}/acc_i32"
     if layer.kind == "conv":
         w = init(graph, layer, "weight_int8", w_int)
         nodes.append(
-            helper.make_node("ConvInteger", [q, w], [acc_i], name=f"{n}/ConvInteger", **layer.conv)
+            helper.make_node(
+                "ConvInteger", [q, w, *zp], [acc_i], name=f"{n}/ConvInteger", **layer.conv
+            )
         )
     else:
         w = init(graph, layer, "weight_int8_t", np.ascontiguousarray(w_int.T))
-        nodes.append(helper.make_node("MatMulInteger", [q, w], [acc_i], name=f"{n}/MatMulInteger"))
+        nodes.append(
+            helper.make_node("MatMulInteger", [q, w, *zp], [acc_i], name=f"{n}/MatMulInteger")
+        )
     nodes.append(
         helper.make_node("Cast", [acc_i], [acc], name=f"{n}/CastAcc", to=TensorProto.FLOAT)
     )

@@ -40,14 +40,15 @@ def codes_tensor(name: str, codes: np.ndarray, dtype: int) -> onnx.TensorProto:
     return t
 
 
-def level_nodes(graph: onnx.GraphProto, layer: FoldedLayer, x: str) -> tuple[list, str]:
-    """Standard-op ThresholdQuant followed by the level value: returns nodes and q * step."""
+def count_nodes(graph: onnx.GraphProto, layer: FoldedLayer, x: str) -> tuple[list, str]:
+    """Standard-op ThresholdQuant: nodes and the name of the levels q (float)."""
     act = layer.act
     assert act is not None
+    if act.kind == "input":
+        return uniform_count_nodes(graph, layer, x)
     n = layer.name
     scale = init(graph, layer, "act_scale", act.scale.reshape(1))
     thresholds = init(graph, layer, "act_thresholds", act.thresholds)
-    step = init(graph, layer, "act_step", act.step.reshape(1))
     last = init(graph, layer, "act_axes", np.array([-1], dtype=np.int64))
     nodes = [
         helper.make_node("Mul", [x, scale], [f"{n}/xs"], name=f"{n}/ActScale"),
@@ -59,8 +60,75 @@ def level_nodes(graph: onnx.GraphProto, layer: FoldedLayer, x: str) -> tuple[lis
         helper.make_node(
             "ReduceSum", [f"{n}/gef", last], [f"{n}/levels"], name=f"{n}/Levels", keepdims=0
         ),
-        helper.make_node("Mul", [f"{n}/levels", step], [f"{n}/xq"], name=f"{n}/LevelValue"),
     ]
+    return nodes, f"{n}/levels"
+
+
+def uniform_count_nodes(graph: onnx.GraphProto, layer: FoldedLayer, x: str) -> tuple[list, str]:
+    """The count for thresholds t0, t0 + 1, ..., t0 + T - 1 (InputQuant's, exact in float32)
+    without a [..., T] comparison tensor: c = clip(floor(xs - t0) + 1, 0, T), then one step
+    down where xs < t0 + c - 1 and one up where xs >= t0 + c. The rounded subtraction moves the
+    floor by at most one (far outside the range the clip decides alone), so the result is
+    exactly #{i : xs >= t_i}; NaN gives 0."""
+    act = layer.act
+    assert act is not None
+    t = act.thresholds.astype(np.float64)
+    if not np.array_equal(t, t[0] + np.arange(t.size)):
+        raise ValueError(f"layer {layer.name}: input thresholds are not evenly spaced by 1")
+    n = layer.name
+
+    def const(suffix: str, v: float) -> str:
+        return init(graph, layer, suffix, np.array([v], dtype=np.float32))
+
+    scale = init(graph, layer, "act_scale", act.scale.reshape(1))
+    t0, top = const("act_t0", float(t[0])), const("act_count", float(t.size))
+    zero, one = const("act_zero", 0.0), const("act_one", 1.0)
+
+    def node(op: str, inputs: list[str], out: str, **kw) -> onnx.NodeProto:
+        return helper.make_node(op, inputs, [f"{n}/{out}"], name=f"{n}/{out}", **kw)
+
+    def f32(v: str, out: str) -> onnx.NodeProto:
+        return node("Cast", [v], out, to=TensorProto.FLOAT)
+
+    nodes = [
+        node("Mul", [x, scale], "xs"),
+        node("Sub", [f"{n}/xs", t0], "d"),
+        node("Floor", [f"{n}/d"], "fl"),
+        node("Add", [f"{n}/fl", one], "c1"),
+        node("Clip", [f"{n}/c1", zero, top], "c2"),
+        # down: c >= 1 and xs < t0 + c - 1
+        node("Add", [f"{n}/c2", t0], "tc"),
+        node("Sub", [f"{n}/tc", one], "tlow"),
+        node("Less", [f"{n}/xs", f"{n}/tlow"], "below"),
+        node("GreaterOrEqual", [f"{n}/c2", one], "hasdown"),
+        node("And", [f"{n}/below", f"{n}/hasdown"], "down"),
+        f32(f"{n}/down", "downf"),
+        node("Sub", [f"{n}/c2", f"{n}/downf"], "c3"),
+        # up: c < T and xs >= t0 + c
+        node("Add", [f"{n}/c3", t0], "thigh"),
+        node("GreaterOrEqual", [f"{n}/xs", f"{n}/thigh"], "above"),
+        node("Less", [f"{n}/c3", top], "hasup"),
+        node("And", [f"{n}/above", f"{n}/hasup"], "up"),
+        f32(f"{n}/up", "upf"),
+        node("Add", [f"{n}/c3", f"{n}/upf"], "c4"),
+        node("IsNaN", [f"{n}/xs"], "nan"),
+        node("Where", [f"{n}/nan", zero, f"{n}/c4"], "levels"),
+    ]
+    return nodes, f"{n}/levels"
+
+
+def level_nodes(graph: onnx.GraphProto, layer: FoldedLayer, x: str) -> tuple[list, str]:
+    """Standard-op ThresholdQuant followed by the level value: nodes and (q - z) * step."""
+    act = layer.act
+    assert act is not None
+    n = layer.name
+    nodes, q = count_nodes(graph, layer, x)
+    if act.zero_point:
+        zp = init(graph, layer, "act_zero_point", np.array([act.zero_point], dtype=np.float32))
+        nodes.append(helper.make_node("Sub", [q, zp], [f"{n}/qz"], name=f"{n}/ZeroPoint"))
+        q = f"{n}/qz"
+    step = init(graph, layer, "act_step", act.step.reshape(1))
+    nodes.append(helper.make_node("Mul", [q, step], [f"{n}/xq"], name=f"{n}/LevelValue"))
     return nodes, f"{n}/xq"
 
 

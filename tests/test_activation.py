@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from adq_deploy.quant.activation import LSQ, N2UQ, make_act_quantizer
+from adq_deploy.quant.activation import LSQ, N2UQ, InputQuant, make_act_quantizer, uniform_count
 
 MIN_WIDTH = 1e-3  # method.md: widths clamped >= 1e-3
 
@@ -303,6 +303,92 @@ def test_lsq_eval_does_not_initialize():
     y = m(x)
     assert not bool(m.initialized) and m.step().item() == 1.0
     np.testing.assert_array_equal(y.detach().numpy(), np.clip(np.round(x.numpy()), 0, 3))
+
+
+# ----------------------------------------------------------------------------- InputQuant
+
+
+def edge_values(t: torch.Tensor) -> torch.Tensor:
+    """Every threshold, its float32 neighbours, huge values, infinities and NaN."""
+    up, down = torch.tensor(float("inf")), torch.tensor(float("-inf"))
+    base = torch.cat([t, torch.tensor([0.0, 1e9, -1e9, 3e38, -3e38, 2.0**22, -(2.0**22)])])
+    special = torch.tensor([float("inf"), float("-inf"), float("nan")])
+    return torch.cat([base, torch.nextafter(base, up), torch.nextafter(base, down), special])
+
+
+def brute_count(xs: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """#{i : xs >= t_i} by comparing with every threshold (NaN: 0), in float64."""
+    return (xs.double()[:, None] >= t.double()[None, :]).sum(1).double()
+
+
+@pytest.mark.parametrize("zp", [0, 1, 77, 128, 254, 255])
+def test_uniform_count_is_the_exact_threshold_count(zp):
+    """floor + clip + one correction each way equals the brute-force count everywhere, on and
+    next to every threshold, far outside the range and for inf / NaN."""
+    t = torch.arange(1, 256, dtype=torch.float32) - zp - 0.5
+    gen = torch.Generator().manual_seed(zp)
+    xs = torch.cat([edge_values(t), torch.randn(20000, generator=gen) * 200])
+    got = uniform_count(xs, torch.tensor(0.5 - zp), 255)
+    np.testing.assert_array_equal(got.double().numpy(), brute_count(xs, t).numpy())
+
+
+def test_uniform_count_needs_its_corrections():
+    """Without the corrections the floor is off by one next to a threshold (the subtraction
+    rounds up), so the test above can fail: 128 - 2^-25 rounds to 128."""
+    xs = torch.tensor([0.5 - 2.0**-25])  # just below the threshold 0.5 (zp 128, i = 129)
+    t0 = torch.tensor(-127.5)
+    assert float(torch.floor(xs - t0) + 1) == 129.0
+    assert (
+        float(uniform_count(xs, t0, 255)) == 128.0 == float(brute_count(xs, t0 + torch.arange(255)))
+    )
+
+
+def test_input_quant_calibration_levels_and_values():
+    m = InputQuant(8)
+    x = torch.linspace(-1.3, 2.9, 1001)
+    m.train()(x)
+    s, z = m.step().item(), int(m.zero_point)
+    assert bool(m.initialized)
+    assert s == pytest.approx(4.2 / 255, rel=1e-6) and z == round(1.3 / s)
+    # zero is a level; the grid spans the batch up to half a step of zero-point rounding
+    np.testing.assert_array_equal(m.thresholds().numpy(), np.arange(1, 256) - z - 0.5)
+    assert m.thresholds().dtype == torch.float32
+    xs = edge_values(m.thresholds()) / np.float32(m.scale_in())
+    xs = torch.cat([xs, x])
+    q = m.levels_of(xs)
+    np.testing.assert_array_equal(q.numpy(), brute_count(m.scale_in() * xs, m.thresholds()))
+    y = m.eval()(xs)
+    finite = torch.isfinite(xs)
+    expected = (q.double() - z) * s
+    np.testing.assert_allclose(y[finite].double().numpy(), expected[finite].numpy(), rtol=1e-6)
+    assert m(torch.zeros(3)).eq(0).all()  # zero padding is level z: value 0
+    assert int(m.levels_of(torch.zeros(1))) == z
+    # calibration includes zero: all-positive input -> z = 0, all-negative -> z = 255
+    pos, neg = InputQuant(8).train(), InputQuant(8).train()
+    pos(torch.rand(100) + 1)
+    neg(-torch.rand(100) - 1)
+    assert int(pos.zero_point) == 0 and int(neg.zero_point) == 255
+
+
+def test_input_quant_straight_through_gradient():
+    """Gradient 1 inside the representable range [-z s, (255 - z) s], 0 outside."""
+    m = InputQuant(8).train()
+    m(torch.linspace(-1.0, 1.0, 100))
+    s, z = m.step().item(), int(m.zero_point)
+    lo, hi = -z * s, (255 - z) * s
+    x = torch.tensor([lo - 0.5, lo + 0.1, 0.0, 0.3, hi - 0.1, hi + 0.5], requires_grad=True)
+    m(x).sum().backward()
+    np.testing.assert_array_equal(x.grad.numpy(), [0, 1, 1, 1, 1, 0])
+
+
+def test_input_quant_eval_does_not_calibrate_and_bits():
+    m = InputQuant(8).eval()
+    m(torch.linspace(-5, 5, 10))
+    assert not bool(m.initialized) and m.step().item() == 1.0 and int(m.zero_point) == 0
+    assert InputQuant(4).thresholds().numel() == 15
+    for bits in (1, 9):
+        with pytest.raises(ValueError):
+            InputQuant(bits)
 
 
 # ----------------------------------------------------------------------------- factory

@@ -14,12 +14,14 @@ from torch import nn
 from adq_deploy.quant import (
     LSQ,
     N2UQ,
+    InputQuant,
     QuantConfig,
     QuantConv2d,
     QuantLayerMixin,
     QuantLinear,
     average_bits,
     layer_table,
+    plan_layers,
     quantize_model,
     summary,
 )
@@ -281,6 +283,28 @@ def test_edge_bits_8():
         torch.testing.assert_close(stem.eval()(x), manual, rtol=1e-5, atol=1e-6)
 
 
+def test_input_bits_quantize_the_first_layer_input():
+    """input_bits=8: the first layer reads its input through InputQuant, (q - z) * s with
+    zero padding at level z, and otherwise computes what test_edge_bits_8 checks."""
+    model = quantize_model(make_net(), QuantConfig(w_bits=3, a_bits=3, edge_bits=8, input_bits=8))
+    stem, head = mods(model)["stem"], mods(model)["head"]
+    assert isinstance(stem.act_quant, InputQuant) and stem.a_bits == 8
+    assert isinstance(head.act_quant, N2UQ) and head.a_bits == 8
+    plans = {p.name: p for p in plan_layers(make_net(), model.adq_config)}
+    assert (plans["stem"].w_bits, plans["stem"].a_bits) == (8, 8)
+    x = make_input()
+    model.train()(x)  # the first batch sets step and zero point
+    aq = stem.act_quant
+    assert bool(aq.initialized) and 0 < int(aq.zero_point) < 255
+    with torch.no_grad():
+        v = (aq.levels_of(x).long() - aq.zero_point).float() * aq.step()
+        manual = F.conv2d(
+            v, brute_quant_weight(stem.weight, stem.weight_quant.codebook), stem.bias, 1, 1
+        )
+        torch.testing.assert_close(stem.eval()(x), manual, rtol=1e-5, atol=1e-6)
+        assert (v - x).abs().max() <= aq.step() / 2 + 1e-6  # the range holds the batch
+
+
 def test_skip_patterns_keep_layers_float():
     model = quantize_model(make_net(), QuantConfig(w_bits=3, a_bits=3, skip=("block.*", "pw")))
     mm = mods(model)
@@ -354,6 +378,7 @@ def test_config_round_trip():
         clip_grad=True,
         act="lsq",
         edge_bits=8,
+        input_bits=8,
         skip=("block.*",),
         layer_bits={"pw": 2},
         layer_a_bits={"fc": 4},
@@ -380,6 +405,9 @@ def test_config_round_trip():
         {"act": "pact"},
         {"ema_beta": 1.0},
         {"edge_bits": 4},
+        {"input_bits": 8},  # needs edge_bits 8
+        {"input_bits": 4, "edge_bits": 8},
+        {"input_bits": 8, "edge_bits": 8, "skip_first": False},
         {"version": 2},
     ],
 )

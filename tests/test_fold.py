@@ -28,7 +28,7 @@ from torch import nn
 from adq_deploy import models
 from adq_deploy.checkpoint import load_checkpoint, save_checkpoint
 from adq_deploy.models.registry import unregister
-from adq_deploy.quant import LSQ, N2UQ, QuantConfig, QuantConv2d, quantize_model
+from adq_deploy.quant import LSQ, N2UQ, InputQuant, QuantConfig, QuantConv2d, quantize_model
 from adq_deploy.quant.apply import average_bits
 from exporters.fold import fold
 from exporters.graph import consumers
@@ -73,7 +73,8 @@ def test_conv_attributes_of_the_test_model():
 
 @pytest.mark.parametrize("name", ["resnet20", "resnet18", "small_cnn"])
 def test_input_quantizer_levels(name):
-    """q = #{i : scale * x >= T_i} is the quantizer's level, and step * q its output."""
+    """q = #{i : scale * x >= T_i} is the quantizer's level, and step * (q - zero_point) its
+    output (the zero point is 0 but for a quantized network input)."""
     ck, folded = loaded(name)
     x = torch.randn(4000, generator=torch.Generator().manual_seed(3)) * 2
     checked = 0
@@ -82,8 +83,9 @@ def test_input_quantizer_levels(name):
         if layer.act_quant is None:
             assert act is None
             continue
-        assert isinstance(layer.act_quant, (N2UQ, LSQ))
-        assert act.kind == ("n2uq" if isinstance(layer.act_quant, N2UQ) else "lsq")
+        kinds = {N2UQ: "n2uq", LSQ: "lsq", InputQuant: "input"}
+        assert act.kind == kinds[type(layer.act_quant)]
+        assert act.zero_point == (int(layer.act_quant.zero_point) if act.kind == "input" else 0)
         assert act.bits == layer.a_bits
         assert act.thresholds.shape == (2**act.bits - 1,)
         assert (np.diff(act.thresholds) >= 0).all()
@@ -92,7 +94,7 @@ def test_input_quantizer_levels(name):
         with torch.no_grad():
             np.testing.assert_array_equal(q, layer.act_quant.levels_of(x).numpy())
             ref = layer.act_quant(x).numpy()
-        np.testing.assert_allclose(act.step * q, ref, rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(act.step * (q - act.zero_point), ref, rtol=1e-6, atol=1e-7)
         assert 0 < q.mean() < 2**act.bits - 1  # trained-like: the levels do not collapse
         checked += 1
     assert checked

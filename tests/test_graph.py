@@ -19,6 +19,7 @@ from exporters.graph import (
     fold_constants,
     fuse_conv_pool_quant,
     fuse_lut_conv,
+    fuse_lut_conv_pool_quant,
     fuse_shortcut,
     known_shapes,
     to_channels_last,
@@ -674,6 +675,18 @@ def stem_model(relu=True, pool=True, **change):
     return oh.make_model(graph, opset_imports=opsets)
 
 
+def assert_same_stem_outputs(model, after, x):
+    """The reference gives a stem model and its fused form the same NHWC tensor (read by the
+    Neg; the float sums' rounding aside) and levels, exactly the fused op's levels of it."""
+    (q0, n0), (q1, n1) = run_reference(model, x), run_reference(after, x)
+    assert n1.shape == n0.shape and q1.shape == q0.shape
+    np.testing.assert_allclose(n1, n0, rtol=0, atol=1e-5 * np.abs(n0).max())
+    np.testing.assert_array_equal(
+        q1, quantize(-n1, np.float32(1.5), np.array([0.5, 4.0, 9.0], np.float32))
+    )
+    assert (q1 != q0).mean() < 1e-3 and len(np.unique(q1)) >= 3
+
+
 @pytest.mark.parametrize("relu, pool", [(True, True), (True, False), (False, True), (False, False)])
 def test_first_layer_and_pooling_become_conv_pool_quant(relu, pool):
     """fuse_conv_pool_quant: Conv [-> Relu] [-> MaxPool] -> Transpose -> ThresholdQuant is one
@@ -691,13 +704,7 @@ def test_first_layer_and_pooling_become_conv_pool_quant(relu, pool):
     assert attrs["relu"] == int(relu) and list(attrs["strides"]) == [2, 2]
     assert ("pool_kernel_shape" in attrs) == pool
     x = {"x": np.random.default_rng(9).normal(size=(2, 3, 17, 15)).astype(np.float32)}
-    (q0, n0), (q1, n1) = run_reference(model, x), run_reference(after, x)
-    assert n1.shape == n0.shape and q1.shape == q0.shape
-    np.testing.assert_allclose(n1, n0, rtol=0, atol=1e-5 * np.abs(n0).max())
-    np.testing.assert_array_equal(
-        q1, quantize(-n1, np.float32(1.5), np.array([0.5, 4.0, 9.0], np.float32))
-    )
-    assert (q1 != q0).mean() < 1e-3 and len(np.unique(q1)) >= 3
+    assert_same_stem_outputs(model, after, x)
 
 
 @pytest.mark.parametrize(
@@ -719,4 +726,110 @@ def test_conv_pool_quant_refuses_what_it_does_not_compute(change):
     model = stem_model(**change)
     after = copy.deepcopy(model)
     assert fuse_conv_pool_quant(after.graph, DOMAIN) == 0
+    assert after == model
+
+
+def int_stem_model(relu=True, pool=True, **change):
+    """x -> ThresholdQuant (255 input levels) -> DequantizeLinear (zero point 100) -> Conv
+    (LutDequant weight) -> Mul -> Add -> [Relu] -> [MaxPool] -> Transpose to NHWC ->
+    ThresholdQuant, the NHWC tensor also read by a Neg: an integer first layer as the adq writer
+    emits it. ``change``: conv_attrs, conv_bias, dq_reader (the values read elsewhere), mul_input
+    (a non-constant factor), add_shape (the Add's constant shape)."""
+    rng = np.random.default_rng(8)
+    conv_attrs = {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1]}
+    conv_attrs.update(change.get("conv_attrs", {}))
+    cin = 3 // conv_attrs.get("group", 1)
+    book = np.arange(-8, 8, dtype=np.float32)
+    codes = rng.integers(0, 16, (16, cin * 9))
+    add_shape = change.get("add_shape", [1, 16, 1, 1])
+    inits = [
+        numpy_helper.from_array(np.array(1 / 0.05, np.float32), "s_in"),
+        numpy_helper.from_array((np.arange(1, 256) - 100.5).astype(np.float32), "t_in"),
+        numpy_helper.from_array(np.array(0.05, np.float32), "step"),
+        numpy_helper.from_array(np.array(100, np.uint8), "zp"),
+        numpy_helper.from_array(pack_rows(codes, 4), "codes"),
+        numpy_helper.from_array(book, "book"),
+        numpy_helper.from_array(rng.uniform(0.01, 0.03, (1, 16, 1, 1)).astype(np.float32), "f"),
+        numpy_helper.from_array(rng.normal(size=add_shape).astype(np.float32), "b"),
+        numpy_helper.from_array(rng.normal(size=16).astype(np.float32), "cb"),
+        numpy_helper.from_array(np.array([1.5], np.float32), "s"),
+        numpy_helper.from_array(np.array([0.5, 4.0, 9.0], np.float32), "t"),
+    ]
+    inputs = [oh.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 17, 15])]
+    if change.get("mul_input"):
+        inputs.append(oh.make_tensor_value_info("f", TensorProto.FLOAT, [1, 16, 1, 1]))
+        inits = [i for i in inits if i.name != "f"]
+    conv_in = ["v", "w"] + (["cb"] if change.get("conv_bias") else [])
+    shape = [16, cin, 3, 3]
+    nodes = [
+        oh.make_node("ThresholdQuant", ["x", "s_in", "t_in"], ["xq"], domain=DOMAIN),
+        oh.make_node("DequantizeLinear", ["xq", "step", "zp"], ["v"]),
+        oh.make_node("LutDequant", ["codes", "book"], ["w"], domain=DOMAIN, bits=4, shape=shape),
+        oh.make_node("Conv", conv_in, ["z"], name="conv1", **conv_attrs),
+        oh.make_node("Mul", ["z", "f"], ["zs"]),
+        oh.make_node("Add", ["zs", "b"], ["za"]),
+    ]
+    v = "za"
+    if relu:
+        nodes.append(oh.make_node("Relu", [v], ["r"]))
+        v = "r"
+    if pool:
+        nodes.append(oh.make_node("MaxPool", [v], ["p"], kernel_shape=[3, 3], strides=[2, 2]))
+        v = "p"
+    nodes.append(oh.make_node("Transpose", [v], ["h"], perm=[0, 2, 3, 1]))
+    nodes.append(oh.make_node("ThresholdQuant", ["h", "s", "t"], ["q"], domain=DOMAIN))
+    nodes.append(oh.make_node("Neg", ["h"], ["n"]))
+    outputs = [
+        oh.make_tensor_value_info("q", TensorProto.UINT8, [None] * 4),
+        oh.make_tensor_value_info("n", TensorProto.FLOAT, [None] * 4),
+    ]
+    if change.get("dq_reader"):
+        nodes.append(oh.make_node("Neg", ["v"], ["nv"]))
+        outputs.append(oh.make_tensor_value_info("nv", TensorProto.FLOAT, [None] * 4))
+    graph = oh.make_graph(nodes, "int_stem", inputs, outputs, inits)
+    opsets = [oh.make_opsetid("", 20), oh.make_opsetid(DOMAIN, VERSION)]
+    return oh.make_model(graph, opset_imports=opsets)
+
+
+@pytest.mark.parametrize("relu, pool", [(True, True), (False, True), (True, False)])
+def test_integer_first_layer_becomes_lut_conv_pool_quant(relu, pool):
+    """fuse_lut_conv_pool_quant: the levels, codes and codebook go straight into one
+    LutConvPoolQuant, with Scale = step * the Mul's factor, Bias the Add's and the zero point;
+    the reference gives the same outputs (the float sums' rounding aside)."""
+    model = int_stem_model(relu, pool)
+    after = copy.deepcopy(model)
+    assert fuse_lut_conv_pool_quant(after.graph, DOMAIN) == 1
+    register_onnx_schemas()
+    onnx.checker.check_model(after, full_check=True)
+    assert ops(after) == ["ThresholdQuant", "LutConvPoolQuant", "Neg"]
+    node = after.graph.node[1]
+    assert list(node.input[:3]) == ["xq", "codes", "book"] and list(node.output) == ["h", "q"]
+    assert list(node.input[5:]) == ["s", "t"]
+    attrs = {a.name: oh.get_attribute_value(a) for a in node.attribute}
+    assert attrs["x_zero_point"] == 100 and attrs["bits"] == 4 and attrs["relu"] == int(relu)
+    assert ("pool_kernel_shape" in attrs) == pool
+    inits = {i.name: numpy_helper.to_array(i) for i in after.graph.initializer}
+    f = numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == "f"))
+    np.testing.assert_array_equal(inits[node.input[3]], np.float32(0.05) * f.reshape(-1))
+    assert "w" not in {o for n in after.graph.node for o in n.output}  # LutDequant is gone
+    x = {"x": np.random.default_rng(9).normal(size=(2, 3, 17, 15)).astype(np.float32)}
+    assert_same_stem_outputs(model, after, x)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"dq_reader": True},  # the input values are read elsewhere
+        {"conv_bias": True},
+        {"mul_input": True},  # the output scale is not a constant
+        {"add_shape": [1, 1, 9, 1]},  # per row, not per channel
+        {"conv_attrs": {"group": 3}},
+        {"conv_attrs": {"dilations": [2, 2]}},
+    ],
+    ids=str,
+)
+def test_lut_conv_pool_quant_refuses_what_it_does_not_compute(change):
+    model = int_stem_model(**change)
+    after = copy.deepcopy(model)
+    assert fuse_lut_conv_pool_quant(after.graph, DOMAIN) == 0
     assert after == model

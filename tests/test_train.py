@@ -95,6 +95,10 @@ def test_train_from_teacher_and_ablation_switches(trained, tmp_path):
         "fixed",
         "--w-bits",
         "3",
+        "--edge-bits",
+        "8",
+        "--input-bits",
+        "8",
     ]
     result = CliRunner().invoke(train_main, ["-o", str(ab), *args])
     assert result.exit_code == 0, result.output
@@ -103,6 +107,13 @@ def test_train_from_teacher_and_ablation_switches(trained, tmp_path):
     assert {e["w_bits"] for e in body} == {3} and {e["act"] for e in body} == {"lsq"}
     assert {e["w_init"] for e in body} == {"uniform"} and ck.quant_config.ema is False
     assert ck.metrics["fp32_top1"] == load_checkpoint(teacher).metrics["fp32_top1"]
+    # W8A8 edges, the first one on the quantized network input, calibrated by QAT's first batch
+    first = next(n for n, e in ck.layers.items() if e["role"] == "first")
+    assert ck.layers[first]["act"] == "inputquant" and ck.layers[first]["w_bits"] == 8
+    assert ck.quant_config.edge_bits == 8 and ck.quant_config.input_bits == 8
+    quant = ck.model.get_submodule(first).act_quant
+    assert bool(quant.initialized) and 0 < int(quant.zero_point) < 255 and quant.step() < 0.1
+    assert ck.metrics["adq_top1"] > 20.0
 
 
 def test_resume_continues_after_last_epoch(tmp_path):
@@ -127,6 +138,10 @@ def test_bad_input_is_one_line_exit_2(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error:") and "dataset-fashion-mnist" in lines[0]
     result = CliRunner().invoke(train_main, ["-o", str(tmp_path / "x.pt"), "--avg-bits", "1.5"])
     assert result.exit_code == 2 and "below the smallest choice" in result.output
+    result = CliRunner().invoke(train_main, ["-o", str(tmp_path / "x.pt"), "--input-bits", "8"])
+    assert result.exit_code == 2 and result.output.strip().count("\n") == 0
+    assert result.output.startswith("error:") and "add --edge-bits 8" in result.output
+    assert not (tmp_path / "x.pt").exists()
 
 
 def test_kd_loss_matches_definition():

@@ -97,7 +97,9 @@ def test_graph_uses_the_adq_op_set(name):
     # one LutConv / LutConvQuant / LutGemm per layer with a quantized input, LutDequant for the
     # others; one ThresholdQuant per quantized input, unless fused into the LutConvQuant before
     # (output Q, and Q2 for a second quantizer) or into the LutConv (output Q)
-    with_act = sum(lay.act is not None for lay in folded.layers.values())
+    # (a quantized network input is a ThresholdQuant, then DequantizeLinear and the float form)
+    inputs = sum(lay.act is not None and lay.act.kind == "input" for lay in folded.layers.values())
+    with_act = sum(lay.act is not None for lay in folded.layers.values()) - inputs
     lut = [n for n in custom if n.op_type in ("LutConv", "LutConvQuant", "LutGemm")]
     assert len(lut) == with_act
     fused = sum(
@@ -105,7 +107,8 @@ def test_graph_uses_the_adq_op_set(name):
         for n in custom
         if n.op_type == "LutConvQuant" or len(n.output) == 2
     )
-    assert len([n for n in custom if n.op_type == "ThresholdQuant"]) == with_act - fused
+    assert len([n for n in custom if n.op_type == "ThresholdQuant"]) == with_act - fused + inputs
+    assert len([n for n in model.graph.node if n.op_type == "DequantizeLinear"]) == inputs
     assert len([n for n in custom if n.op_type == "LutDequant"]) == len(folded.layers) - with_act
     # no Relu is left whose only readers are ThresholdQuant nodes (they are dropped)
     for relu in (n for n in model.graph.node if n.op_type == "Relu"):
@@ -206,14 +209,20 @@ def test_fusion_pass_leaves_nothing_fusable(name, monkeypatch):
         assert len(pads) == 2 and consumers == {"LutConv"}
         assert all(p.input[1] in {i.name for i in model.graph.initializer} for p in pads)
     assert not [n for n in nodes if n.op_type == "Constant"]  # folded into initializers
-    if name.startswith("resnet"):
-        assert not [n for n in nodes if n.op_type == "Add"]
+    if name.startswith("resnet"):  # but the output affine of resnet18's W8A8 first layer
+        adds = [n for n in nodes if n.op_type == "Add"]
+        assert [n.input[1] for n in adds] == (["conv1.out_bias"] if name == "resnet18" else [])
     if name == "resnet18":
         assert not [n for n in after_lut if n.op_type in ("Add", "Relu")]
-        # the one quantizer left is the max-pool output's; a block output read by the next
-        # (downsampling) block's conv1 and shortcut is two levels outputs, no float tensor
-        quantized = sorted(producer[n.input[0]] for n in nodes if n.op_type == "ThresholdQuant")
-        assert quantized == ["MaxPool"]
+        # the quantizers left: the network input's, the max-pool output's and the W8A8 head's;
+        # a block output read by the next (downsampling) block's conv1 and shortcut is two
+        # levels outputs
+        quantized = [n for n in nodes if n.op_type == "ThresholdQuant"]
+        assert sorted(producer.get(n.input[0], "graph input") for n in quantized) == [
+            "Flatten",
+            "MaxPool",
+            "graph input",
+        ]
         assert len([n for n in nodes if n.op_type == "LutConvQuant" and len(n.output) == 2]) == 3
     level_outputs = [n for n in nodes if n.op_type == "LutConv" and len(n.output) == 2]
     assert len(level_outputs) == FUSIONS[name].level_outputs

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
 from export_helpers import (
@@ -28,8 +29,8 @@ from adq_deploy.checkpoint import load_checkpoint, save_checkpoint
 from adq_deploy.models.registry import unregister
 from adq_deploy.quant import QuantConfig, quantize_model
 from exporters.export import simplify
-from exporters.fold import fold
-from exporters.write_standard import code_type, write_standard
+from exporters.fold import FoldedInput, FoldedLayer, fold
+from exporters.write_standard import code_type, uniform_count_nodes, write_standard
 
 EXPECTED_CODE_TYPE = {  # opset -> bits -> code tensor type
     25: {2: TensorProto.UINT2, 3: TensorProto.UINT4, 4: TensorProto.UINT4},
@@ -162,3 +163,35 @@ def test_old_opsets_rewrite_the_skeleton_nodes(old_opset_net, opset, simplified)
         assert (len(ops["ReduceMean"].input), len(mean_axes)) == ((1, 1) if opset < 18 else (2, 0))
     x = safe_input(ck.model, folded, (1, 6, 4), batch=3)
     assert_logits_match(run_onnx(model, x), torch_logits(ck.model, x))
+
+
+@pytest.mark.parametrize("zp", [0, 128, 255])
+def test_uniform_count_nodes_are_the_exact_threshold_count(zp):
+    """The standard-op count of a quantized network input (floor, clip, two corrections; no
+    [..., 255] comparison tensor) equals the brute-force count in onnxruntime, on and next to
+    every threshold, far outside the range and for inf / NaN: what ThresholdQuant gives."""
+    t = (np.arange(1, 256) - zp - 0.5).astype(np.float32)
+    act = FoldedInput("input", 8, np.float32(1 / 0.02), t, np.float32(0.02), zp)
+    layer = FoldedLayer(
+        "stem", "conv", "first", 8, np.zeros((1, 1), np.int64), np.zeros(1, np.float32), act,
+        np.ones(1, np.float32), np.zeros(1, np.float32),
+    )  # fmt: skip
+    graph = onnx.helper.make_graph([], "count", [], [])
+    nodes, levels = uniform_count_nodes(graph, layer, "x")
+    graph.node.extend(nodes)
+    graph.input.append(onnx.helper.make_tensor_value_info("x", TensorProto.FLOAT, [None]))
+    graph.output.append(onnx.helper.make_tensor_value_info(levels, TensorProto.FLOAT, [None]))
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 20)])
+    model.ir_version = 9
+    onnx.checker.check_model(model)
+    edges = np.concatenate([t, [0, 1e9, -1e9, 3e38, -3e38, 2.0**22]]).astype(np.float32)
+    near = [np.nextafter(edges, np.float32(d)) for d in (np.inf, -np.inf)]
+    rng = np.random.default_rng(zp)
+    xs = np.concatenate([edges, *near, rng.normal(0, 200, 5000).astype(np.float32)])
+    xs = np.concatenate([xs, [np.inf, -np.inf, np.nan]]).astype(np.float32) * np.float32(0.02)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    (got,) = sess.run(None, {"x": xs})
+    scaled = (np.float32(act.scale) * xs).astype(np.float32)
+    expected = (scaled[:, None] >= t[None, :]).sum(1)
+    np.testing.assert_array_equal(got, expected)
+    assert not [n for n in nodes if n.op_type in ("Unsqueeze", "ReduceSum")]

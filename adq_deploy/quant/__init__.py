@@ -1,6 +1,6 @@
 """ADQ quantizers, layers and the quantize_model verb."""
 
-from .activation import LSQ, N2UQ, make_act_quantizer
+from .activation import LSQ, N2UQ, InputQuant, make_act_quantizer
 from .apply import (
     AverageBits,
     LayerInfo,
@@ -21,6 +21,7 @@ __all__ = [
     "N2UQ",
     "AverageBits",
     "CodebookQuantizer",
+    "InputQuant",
     "LayerInfo",
     "LayerPlan",
     "QuantConfig",

@@ -1,4 +1,5 @@
-"""Activation quantizers: N2UQ (learned non-uniform thresholds, uniform integer outputs) and LSQ."""
+"""Activation quantizers: N2UQ (learned non-uniform thresholds, uniform integer outputs), LSQ,
+and InputQuant (the network input on 8-bit levels with a zero point)."""
 
 from __future__ import annotations
 
@@ -277,6 +278,87 @@ class LSQ(nn.Module):
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}"
+
+
+class InputQuant(nn.Module):
+    """Uniform quantizer of a float network input onto levels 0..2^n-1 with a zero point.
+
+    q = #{i in 1..2^n-1 : x / s >= i - z - 1/2} (x / s the float32 product x * (1/s)) and value
+    y = (q - z) * s, so zero is level z exactly and zero padding stays zero. The step s and the
+    integer zero point z are set from the range of the first training batch (zero included) and
+    then kept; the gradient passes straight through inside the range.
+    """
+
+    def __init__(self, bits: int = 8) -> None:
+        super().__init__()
+        if not 2 <= bits <= 8:
+            raise ValueError(f"input bits must be in 2..8, got {bits}")
+        self.bits = bits
+        self.register_buffer("step_size", torch.ones(()))
+        self.register_buffer("zero_point", torch.zeros((), dtype=torch.int64))
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+
+    @property
+    def levels(self) -> int:
+        return 2**self.bits
+
+    @torch.no_grad()
+    def calibrate(self, x: torch.Tensor) -> None:
+        """Step and zero point from the range of x, widened to contain 0."""
+        lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
+        step = max((hi - lo) / (self.levels - 1), MIN_SCALE)
+        self.step_size.fill_(step)
+        self.zero_point.fill_(int(min(max(round(-lo / step), 0), self.levels - 1)))
+        self.initialized.fill_(True)
+
+    def step(self) -> torch.Tensor:
+        """Output value of one level, s."""
+        return self.step_size
+
+    def scale_in(self) -> torch.Tensor:
+        """1 / s in float32: the factor the thresholds are compared against."""
+        return torch.reciprocal(self.step_size.float())
+
+    def thresholds(self) -> torch.Tensor:
+        """i - z - 1/2 for i = 1..2^n-1 (exact in float32)."""
+        i = torch.arange(1, self.levels, dtype=torch.float32, device=self.step_size.device)
+        return i - self.zero_point.float() - 0.5
+
+    def levels_of(self, x: torch.Tensor) -> torch.Tensor:
+        """Integer level q of every input (uint8), as the deployed threshold op gives."""
+        with torch.no_grad():
+            return self._count(x).to(torch.uint8)
+
+    def _count(self, x: torch.Tensor) -> torch.Tensor:
+        """#{i : x / s >= i - z - 1/2} as floats, in elementwise ops (traceable, no search)."""
+        t0 = 0.5 - self.zero_point.float()
+        return uniform_count(self.scale_in() * x.float(), t0, self.levels - 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and not bool(self.initialized):
+            self.calibrate(x)
+        q = self._count(x.detach())
+        y = ((q - self.zero_point.float()) * self.step_size).to(x.dtype)
+        lo = -self.zero_point * self.step_size
+        hi = (self.levels - 1 - self.zero_point) * self.step_size
+        xc = torch.minimum(torch.maximum(x, lo), hi)
+        return y + (xc - xc.detach())
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}"
+
+
+def uniform_count(xs: torch.Tensor, t0: torch.Tensor, count: int) -> torch.Tensor:
+    """#{i < count : xs >= t0 + i} (floats) for thresholds t0 + i exact in float32.
+
+    c = clip(floor(xs - t0) + 1, 0, count) is at most one off (the subtraction rounds once,
+    and far outside the range the clip decides alone); one step down where xs < t0 + c - 1 and
+    one up where xs >= t0 + c make it exact. NaN counts 0. The standard writer emits the same.
+    """
+    c = torch.clamp(torch.floor(xs - t0) + 1, 0, count)
+    c = c - ((c >= 1) & (xs < t0 + c - 1)).to(xs.dtype)
+    c = c + ((c < count) & (xs >= t0 + c)).to(xs.dtype)
+    return torch.where(torch.isnan(xs), torch.zeros_like(c), c)
 
 
 def make_act_quantizer(kind: str, bits: int) -> nn.Module:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from .activation import make_act_quantizer
+from .activation import InputQuant, make_act_quantizer
 from .codebook import CodebookQuantizer
 from .config import QuantConfig
 from .layers import QuantConv2d, QuantLayerMixin, QuantLinear
@@ -51,7 +51,12 @@ def _quantizers(module: nn.Module, plan: LayerPlan, config: QuantConfig):
         clip_grad=config.clip_grad,
         weight=module.weight,
     )
-    aq = None if plan.a_bits is None else make_act_quantizer(config.act, plan.a_bits)
+    if plan.a_bits is None:
+        aq = None
+    elif plan.role == "first":
+        aq = InputQuant(plan.a_bits)
+    else:
+        aq = make_act_quantizer(config.act, plan.a_bits)
     return wq, aq
 
 
@@ -96,8 +101,11 @@ def plan_layers(model: nn.Module, config: QuantConfig) -> list[LayerPlan]:
             plans.append(LayerPlan(name, kind, params, role, None, None))
             continue
         if role in ("first", "last"):
-            # The network input is itself 8-bit image data: the first layer keeps a float input.
-            a_bits = None if role == "first" or config.act == "none" else config.edge_bits
+            # The first layer's input is the network input: float unless input_bits asks.
+            if role == "first":
+                a_bits = config.input_bits
+            else:
+                a_bits = None if config.act == "none" else config.edge_bits
             plans.append(LayerPlan(name, kind, params, role, config.edge_bits, a_bits))
             continue
         w_bits = config.layer_bits.get(name, config.w_bits)

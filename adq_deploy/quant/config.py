@@ -24,7 +24,10 @@ class QuantConfig:
     act: activation quantizer 'n2uq' | 'lsq' | 'none' (weights only).
     skip_first / skip_last: keep the first and the last quantizable layer (module registration
     order) out of the low-bit scheme; edge_bits None keeps them in float, 8 quantizes them at
-    W8A8. skip: fnmatch patterns of further layer names to keep in float.
+    W8A8. input_bits 8 (with edge_bits 8) also quantizes the first layer's input, the network
+    input, onto 8-bit levels with a zero point (InputQuant), so that the first layer runs in
+    integers too; None keeps that input in float. skip: fnmatch patterns of further layer
+    names to keep in float.
     """
 
     w_bits: int = 4
@@ -38,6 +41,7 @@ class QuantConfig:
     skip_first: bool = True
     skip_last: bool = True
     edge_bits: int | None = None
+    input_bits: int | None = None
     skip: tuple[str, ...] = ()
     layer_bits: dict[str, int] = field(default_factory=dict)
     layer_a_bits: dict[str, int] = field(default_factory=dict)
@@ -67,6 +71,10 @@ class QuantConfig:
             raise ValueError(f"ema_beta must be in [0, 1), got {self.ema_beta}")
         if self.edge_bits not in (None, 8):
             raise ValueError(f"edge_bits must be None (float) or 8, got {self.edge_bits}")
+        if self.input_bits not in (None, 8):
+            raise ValueError(f"input_bits must be None (float) or 8, got {self.input_bits}")
+        if self.input_bits is not None and (self.edge_bits is None or not self.skip_first):
+            raise ValueError("input_bits needs edge_bits=8 and skip_first (an 8-bit first layer)")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form (str, int, float, bool, list, dict) for checkpoints and JSON."""
