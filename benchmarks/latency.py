@@ -1,11 +1,14 @@
 """Inference latency, file size and session memory of one network in seven forms, side by side.
 
-    python benchmarks/latency.py [--checkpoint CKPT] [--models fmnist,resnet18]
-        [--batch-sizes 1,32] [--threads 2] [--rounds 5] [--runs 6] [--settle 0.5]
+    python benchmarks/latency.py [--checkpoint CKPT]
+        [--models fmnist,resnet18[,resnet18-int8-edges]] [--batch-sizes 1,32]
+        [--threads 2] [--rounds 5] [--runs 6] [--settle 0.5]
         [--resnet18-size 224] [--keep DIR] [--out runs/bench/latency.json]
 
 For each model (the Fashion-MNIST ResNet-20 checkpoint, and a ResNet-18 with 1000 classes and
-random weights, quantized W3A2 and saved as a checkpoint in a temporary folder) it measures:
+random weights, quantized W3A2 and saved as a checkpoint in a temporary folder; on request the
+same ResNet-18 with W8A8 first and last layers on an 8-bit quantized input, `resnet18-int8-edges`,
+the integer first layer onnxruntime's QDQ model also has) it measures:
 
   eager     PyTorch eager of the quantized model (fake quantization, torch.no_grad)
   fp32      the fp32 ONNX of the same network (exporters.export.fp32_onnx) in onnxruntime
@@ -70,16 +73,20 @@ DEFAULT_CHECKPOINTS = ("examples/fmnist_resnet20_adq.pt", "runs/fmnist/adq-shipp
 # Models
 
 
-def make_resnet18(folder: Path, size: int, seed: int = 0) -> Path:
-    """ResNet-18 (1000 classes, 3 x size x size), random weights, W3A2, saved as a checkpoint.
+def make_resnet18(folder: Path, size: int, seed: int = 0, int8_edges: bool = False) -> Path:
+    """ResNet-18 (1000 classes, 3 x size x size), random weights, W3A2, saved as a checkpoint;
+    with `int8_edges` its first and last layers W8A8 and the network input on 8-bit levels
+    (edge_bits=8, input_bits=8: an integer first layer, as onnxruntime's QDQ model has).
 
     A few train-mode passes on random data first give the network real batch-norm statistics;
     during the first one each N2UQ's input scale is set from its input (99th percentile at the
-    top segment end), so the activation levels are all in use rather than degenerate.
+    top segment end), so the activation levels are all in use rather than degenerate (and the
+    input quantizer takes its range from that batch).
     """
     torch.manual_seed(seed)
     model = models.get("resnet18", num_classes=1000, in_channels=3)
-    quantize_model(model, QuantConfig(w_bits=3, a_bits=2))
+    edges = {"edge_bits": 8, "input_bits": 8} if int8_edges else {}
+    quantize_model(model, QuantConfig(w_bits=3, a_bits=2, **edges))
     shape = (3, size, size)
     gen = torch.Generator().manual_seed(seed)
     bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
@@ -107,7 +114,7 @@ def make_resnet18(folder: Path, size: int, seed: int = 0) -> Path:
         for bn in bns:
             bn.momentum = 0.1
     model.eval()
-    path = folder / f"resnet18_{size}_w3a2.pt"
+    path = folder / f"resnet18_{size}_w3a2{'_int8edges' if int8_edges else ''}.pt"
     save_checkpoint(
         model,
         path,
@@ -390,7 +397,7 @@ def markdown(title: str, results: dict[str, dict[str, Any]]) -> str:
     "which",
     default="fmnist,resnet18",
     show_default=True,
-    help="Which models to measure.",
+    help="Which models to measure: fmnist, resnet18, resnet18-int8-edges.",
 )
 @click.option("--batch-sizes", default="1,32", show_default=True)
 @click.option("--threads", default=2, show_default=True, type=int)
@@ -431,7 +438,7 @@ def main(
     torch.set_num_threads(threads)
     batches = [int(b) for b in batch_sizes.split(",")]
     wanted = [m.strip() for m in which.split(",") if m.strip()]
-    unknown = set(wanted) - {"fmnist", "resnet18"}
+    unknown = set(wanted) - {"fmnist", "resnet18", "resnet18-int8-edges"}
     if unknown:
         raise click.BadParameter(f"unknown models {sorted(unknown)}", param_hint="--models")
     info = machine_info(threads)
@@ -466,9 +473,14 @@ def main(
                 )
             else:
                 jobs.append(("fmnist", Path(ck_path), dataset))
-        if "resnet18" in wanted:
-            click.echo(f"building ResNet-18 {resnet18_size}x{resnet18_size} W3A2 ...", err=True)
-            jobs.append(("resnet18", make_resnet18(folder, resnet18_size), "random"))
+        for key in ("resnet18", "resnet18-int8-edges"):
+            if key not in wanted:
+                continue
+            int8_edges = key != "resnet18"
+            what = "W3A2, W8A8 edges on an 8-bit input" if int8_edges else "W3A2"
+            click.echo(f"building ResNet-18 {resnet18_size}x{resnet18_size} {what} ...", err=True)
+            ck_path = make_resnet18(folder, resnet18_size, int8_edges=int8_edges)
+            jobs.append((key, ck_path, "random"))
         for key, ck_path, data in jobs:
             ck = load_checkpoint(ck_path)
             shape = list(ck.input["shape"])
