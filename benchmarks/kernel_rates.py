@@ -4,8 +4,8 @@ First the machine: the best of onnxruntime's MatMul (MLAS SGEMM) and torch.matmu
 [1024 x 1024] x [1024 x 1024], and onnxruntime's MatMulInteger (MLAS u8 x s8 GEMM, VNNI where
 the CPU has it) on the same shape in uint8 / int8. Then, per layer shape, LutConv's float path
 (a float codebook), its int8 path (an integer codebook; NCHW and channels last), LutGemm, and
-onnxruntime's fp32 Conv / Gemm on the same weights (for ConvPoolQuant, the unfused graph it
-replaces): GMAC/s (multiply-adds per second, best of
+onnxruntime's fp32 Conv / Gemm on the same weights (for ConvPoolQuant and LutConvPoolQuant, the
+unfused float graph they replace): GMAC/s (multiply-adds per second, best of
 `--repeat`) and the share of the machine's fp32 and int8 GEMM rates. The LutConv graph holds
 packed codes, a codebook, Scale and Bias as initializers and takes uint8 levels; the baseline
 holds the decoded fp32 weights and takes the same levels as float.
@@ -210,61 +210,85 @@ def bench_gemm(shape, bits, threads, repeat, rng, rates):
     )
 
 
+STEM_CONV = dict(kernel_shape=[7, 7], strides=[2, 2], pads=[3, 3, 3, 3])
+STEM_POOL = dict(pool_kernel_shape=[3, 3], pool_strides=[2, 2], pool_pads=[1, 1, 1, 1])
+STEM_QUANT = [
+    numpy_helper.from_array(np.array([1.0], np.float32), "s"),
+    numpy_helper.from_array(np.array([0.3, 0.9, 1.5], np.float32), "t"),
+]
+
+
+def _stem_io(x_type, n):
+    T = onnx.TensorProto
+    outputs = [
+        oh.make_tensor_value_info("Y", T.FLOAT, None),
+        oh.make_tensor_value_info("Q", T.UINT8, None),
+    ]
+    return [oh.make_tensor_value_info("X", x_type, [n, 3, 224, 224])], outputs
+
+
+def _unfused_stem(w, bias, n):
+    """The graph a fused stem replaces, on a float X: onnxruntime's fp32 Conv (weights w, bias),
+    Relu, MaxPool and Transpose to NHWC, then ThresholdQuant (the op library's)."""
+    inits = [numpy_helper.from_array(w, "W"), numpy_helper.from_array(bias, "B"), *STEM_QUANT]
+    nodes = [
+        oh.make_node("Conv", ["X", "W", "B"], ["z"], **STEM_CONV),
+        oh.make_node("Relu", ["z"], ["r"]),
+        oh.make_node("MaxPool", ["r"], ["p"], kernel_shape=[3, 3], strides=[2, 2], pads=[1] * 4),
+        oh.make_node("Transpose", ["p"], ["Y"], perm=[0, 2, 3, 1]),
+        oh.make_node("ThresholdQuant", ["Y", "s", "t"], ["Q"], domain=DOMAIN),
+    ]
+    return _model(nodes, *_stem_io(onnx.TensorProto.FLOAT, n), inits, adq=True)
+
+
 def bench_conv_pool(shape, threads, repeat, rng, rates):
-    """ConvPoolQuant against the graph it replaces: onnxruntime's fp32 Conv, Relu, MaxPool and
-    Transpose to NHWC, then ThresholdQuant (the op library's); Y compared."""
+    """ConvPoolQuant against the graph it replaces (_unfused_stem); Y compared."""
     name, n = shape
     x = rng.normal(size=(n, 3, 224, 224)).astype(np.float32)
-    inits = [
-        numpy_helper.from_array((rng.normal(size=(64, 3, 7, 7)) * 0.1).astype(np.float32), "W"),
-        numpy_helper.from_array(rng.normal(size=64).astype(np.float32), "B"),
-        numpy_helper.from_array(np.array([1.0], np.float32), "s"),
-        numpy_helper.from_array(np.array([0.3, 0.9, 1.5], np.float32), "t"),
-    ]
-    conv = dict(kernel_shape=[7, 7], strides=[2, 2], pads=[3, 3, 3, 3])
-    pool = dict(pool_kernel_shape=[3, 3], pool_strides=[2, 2], pool_pads=[1, 1, 1, 1])
-    T = onnx.TensorProto
-    io = (
-        [oh.make_tensor_value_info("X", T.FLOAT, list(x.shape))],
-        [
-            oh.make_tensor_value_info("Y", T.FLOAT, None),
-            oh.make_tensor_value_info("Q", T.UINT8, None),
-        ],
-    )
-    fused = _model(
-        [
-            oh.make_node(
-                "ConvPoolQuant",
-                ["X", "W", "B", "s", "t"],
-                ["Y", "Q"],
-                domain=DOMAIN,
-                relu=1,
-                **conv,
-                **pool,
-            )
-        ],
-        *io,
-        inits,
-        adq=True,
-    )
-    unfused = _model(
-        [
-            oh.make_node("Conv", ["X", "W", "B"], ["z"], **conv),
-            oh.make_node("Relu", ["z"], ["r"]),
-            oh.make_node(
-                "MaxPool", ["r"], ["p"], kernel_shape=[3, 3], strides=[2, 2], pads=[1] * 4
-            ),
-            oh.make_node("Transpose", ["p"], ["Y"], perm=[0, 2, 3, 1]),
-            oh.make_node("ThresholdQuant", ["Y", "s", "t"], ["Q"], domain=DOMAIN),
-        ],
-        *io,
-        inits,
-        adq=True,
-    )
+    w = (rng.normal(size=(64, 3, 7, 7)) * 0.1).astype(np.float32)
+    bias = rng.normal(size=64).astype(np.float32)
+    inits = [numpy_helper.from_array(w, "W"), numpy_helper.from_array(bias, "B"), *STEM_QUANT]
+    node = oh.make_node(
+        "ConvPoolQuant", ["X", "W", "B", "s", "t"], ["Y", "Q"], domain=DOMAIN, relu=1,
+        **STEM_CONV, **STEM_POOL,
+    )  # fmt: skip
+    fused = _model([node], *_stem_io(onnx.TensorProto.FLOAT, n), inits, adq=True)
     macs = float(n) * 64 * 112 * 112 * 3 * 49
-    label = f"ConvPoolQuant: {name}"
     feeds = {"X": x}
-    _compare(label, fused, feeds, unfused, feeds, macs, threads, repeat, rates, baseline_adq=True)
+    _compare(
+        f"ConvPoolQuant: {name}", fused, feeds, _unfused_stem(w, bias, n), feeds, macs, threads,
+        repeat, rates, baseline_adq=True,
+    )  # fmt: skip
+
+
+def bench_lut_conv_pool(shape, threads, repeat, rng, rates):
+    """LutConvPoolQuant (uint8 levels, zero point 128, 8-bit codes of integer levels in
+    -64..64: its int8 path) against the float graph on the same numbers (_unfused_stem on
+    level - 128 and the decoded weights times Scale); Y compared."""
+    name, n = shape
+    x = rng.integers(0, 256, size=(n, 3, 224, 224)).astype(np.uint8)
+    book = np.arange(-64, 65, dtype=np.float32)
+    codes = rng.integers(0, book.size, size=(64, 3 * 49))
+    scale = rng.uniform(0.5e-3, 1.5e-3, 64).astype(np.float32)
+    bias = rng.normal(size=64).astype(np.float32)
+    inits = [
+        numpy_helper.from_array(pack_rows(codes, 8), "codes"),
+        numpy_helper.from_array(book, "cb"),
+        numpy_helper.from_array(scale, "Scale"),
+        numpy_helper.from_array(bias, "B"),
+        *STEM_QUANT,
+    ]
+    node = oh.make_node(
+        "LutConvPoolQuant", ["X", "codes", "cb", "Scale", "B", "s", "t"], ["Y", "Q"],
+        domain=DOMAIN, bits=8, x_zero_point=128, relu=1, **STEM_CONV, **STEM_POOL,
+    )  # fmt: skip
+    fused = _model([node], *_stem_io(onnx.TensorProto.UINT8, n), inits, adq=True)
+    w = (book[codes] * scale[:, None]).reshape(64, 3, 7, 7).astype(np.float32)
+    macs = float(n) * 64 * 112 * 112 * 3 * 49
+    _compare(
+        f"LutConvPoolQuant int8: {name}", fused, {"X": x}, _unfused_stem(w, bias, n),
+        {"X": x.astype(np.float32) - 128}, macs, threads, repeat, rates, baseline_adq=True,
+    )  # fmt: skip
 
 
 def _compare(
@@ -334,6 +358,7 @@ def main():
         for shape in STEM_SHAPES:
             if args.only in shape[0]:
                 bench_conv_pool(shape, threads, args.repeat, rng, rates)
+                bench_lut_conv_pool(shape, threads, args.repeat, rng, rates)
         for shape in GEMM_SHAPES:
             if args.only in shape[0]:
                 bench_gemm(shape, args.bits, threads, args.repeat, rng, rates)
