@@ -68,6 +68,42 @@ void CountSorted(const float* x, int64_t n, float s, const float* t, int T, uint
   }
 }
 
+// The count where the linear estimate is exact (Levels::lin_exact, evenly spaced thresholds):
+// clamp(floor(fma(double(v), lin_a, lin_b)), 0, T), NaN -> 0, as CountMany16 computes it.
+inline int EstimateExact(float v, const Levels& lv) {
+  if (v != v) return 0;
+  const double e = std::fma(static_cast<double>(v), lv.lin_a, lv.lin_b);
+  return static_cast<int>(std::min(std::max(e, 0.0), static_cast<double>(lv.T)));
+}
+
+void CountEstimatedScalar(const float* x, int64_t n, const Levels& lv, uint8_t* q) {
+  for (int64_t i = 0; i < n; ++i) q[i] = static_cast<uint8_t>(EstimateExact(lv.scale * x[i], lv));
+}
+
+// EstimateExact of 4 values (AVX2 + FMA); max_pd returns its second operand (0) for a NaN
+// estimate: NaN counts 0.
+__attribute__((target("avx2,fma"), always_inline)) inline __m128i EstimateExact4(
+    __m128 v, __m256d a, __m256d b, __m256d top) {
+  const __m256d e = _mm256_fmadd_pd(_mm256_cvtps_pd(v), a, b);
+  return _mm256_cvttpd_epi32(_mm256_min_pd(_mm256_max_pd(e, _mm256_setzero_pd()), top));
+}
+
+// CountEstimatedScalar 8 values at a time.
+__attribute__((target("avx2,fma"))) void CountEstimatedAvx2(const float* x, int64_t n,
+                                                           const Levels& lv, uint8_t* q) {
+  const __m256 vs = _mm256_set1_ps(lv.scale);
+  const __m256d a = _mm256_set1_pd(lv.lin_a), b = _mm256_set1_pd(lv.lin_b);
+  const __m256d top = _mm256_set1_pd(static_cast<double>(lv.T));
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = _mm256_mul_ps(vs, _mm256_loadu_ps(x + i));
+    const __m128i w = _mm_packus_epi32(EstimateExact4(_mm256_castps256_ps128(v), a, b, top),
+                                       EstimateExact4(_mm256_extractf128_ps(v, 1), a, b, top));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(q + i), _mm_packus_epi16(w, w));
+  }
+  CountEstimatedScalar(x + i, n - i, lv, q + i);
+}
+
 struct ThresholdQuant {
   static constexpr const char* kName = "ThresholdQuant";
   static constexpr ONNXTensorElementDataType kInputs[] = {kF32, kF32, kF32};
@@ -169,6 +205,12 @@ Levels GetLevels(const Ort::KernelContext& ctx, size_t scale_index, size_t thres
 void CountLevels(const float* x, int64_t n, const Levels& lv, uint8_t* q, Isa isa) {
   if (isa == Isa::kAvx512) {  // any T (more than 15: estimate and gathered corrections)
     CountAvx512(x, n, lv, q);
+  } else if (lv.T > 15 && lv.lin_exact) {  // evenly spaced thresholds (an 8-bit quantizer)
+    if (isa == Isa::kAvx2) {
+      CountEstimatedAvx2(x, n, lv, q);
+    } else {
+      CountEstimatedScalar(x, n, lv, q);
+    }
   } else if (lv.T > 24) {
     CountSorted(x, n, lv.scale, lv.t, lv.T, q);
   } else if (isa != Isa::kScalar) {
