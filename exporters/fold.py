@@ -106,6 +106,11 @@ def fold_input(quant: torch.nn.Module | None) -> FoldedInput | None:
                 s.numpy().astype(np.float32),
             )
         if isinstance(quant, InputQuant):
+            if not bool(quant.initialized):
+                raise ValueError(
+                    "the network input's quantizer was never calibrated (its range comes from "
+                    "the first training batch): train, or run one batch in train mode, first"
+                )
             return FoldedInput(
                 "input",
                 quant.bits,

@@ -14,6 +14,7 @@ from export_helpers import (
     case_input,
     checkpoint_path,
     loaded,
+    make_test_model,
     meta,
     one_thread,
     placeholders,
@@ -30,7 +31,7 @@ from adq_deploy.checkpoint import load_checkpoint, save_checkpoint
 from adq_deploy.models.registry import unregister
 from adq_deploy.quant import LSQ, N2UQ, InputQuant, QuantConfig, QuantConv2d, quantize_model
 from adq_deploy.quant.apply import average_bits
-from exporters.fold import fold
+from exporters.fold import fold, fold_input
 from exporters.graph import consumers
 
 ALL = tuple(CASES)
@@ -227,3 +228,18 @@ def test_a_float_model_is_refused():
     ck = tiny_checkpoint(tmp_dir() / "fold_float.pt", quantize=False, padding=1)
     with pytest.raises(ValueError, match="no ADQ layers"):
         fold(ck)
+
+
+def test_an_uncalibrated_input_quantizer_is_refused():
+    """input_bits without a training step: step 1 and zero point 0 would clip the normalized
+    input to the integers 0..255, so folding refuses (a calibrated one folds)."""
+    model = quantize_model(
+        make_test_model(), QuantConfig(w_bits=3, a_bits=3, edge_bits=8, input_bits=8)
+    )
+    quant = quant_layers(model)["stem"].act_quant
+    assert isinstance(quant, InputQuant) and not bool(quant.initialized)
+    with pytest.raises(ValueError, match="never calibrated"):
+        fold_input(quant)
+    quant.train()(torch.randn(64) * 2)
+    folded = fold_input(quant)
+    assert folded.kind == "input" and folded.zero_point == int(quant.zero_point) > 0
