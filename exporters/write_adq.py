@@ -15,11 +15,12 @@ output Q (QScale, QThresholds its inputs 6, 7). The fused ops compute the same f
 operations.
 
 With ``int_codebooks`` every codebook is snapped as the int8 format snaps it (C ~ s_w * c,
-integers c) and stored as the integers c, s_w folded into the layer's scale: the same codes and
-file size, and LutConv runs its exact int8 x uint8 kernel (AVX-512 VNNI) on such codebooks.
-That kernel reads and writes channels-last tensors without transposes, so these models run
-their convolutions with channels_last = 1 (exporters.graph.to_channels_last): NHWC between
-them, a Transpose where the activations enter (after the float first layer) and leave. Each
+integers c; on -127..127 in every layer, INT_CODEBOOKS_QMAX, where the int8 format narrows
+8-bit-input layers) and stored as the integers c, s_w folded into the layer's scale: the same
+codes and file size, and LutConv runs its exact int8 x uint8 kernel (AVX-512 VNNI) on such
+codebooks. That kernel reads and writes channels-last tensors without transposes, so these
+models run their convolutions with channels_last = 1 (exporters.graph.to_channels_last): NHWC
+between them, a Transpose where the activations enter (after the float first layer) and leave. Each
 downsampling shortcut is folded into the convolution whose output it adds
 (exporters.graph.fuse_shortcut): the kernel adds its 1x1 sums tile by tile, and the float
 tensor between the two is never written. The float first layer with its Relu and max pooling,
@@ -51,7 +52,7 @@ from .graph import (
     to_channels_last,
 )
 from .skeleton import DOMAIN
-from .write_int8 import snapped, snapping_report
+from .write_int8 import INT_CODEBOOKS_QMAX, snapped, snapping_report
 from .writer import affine_nodes, init, replace_placeholders, set_metadata, set_opsets
 
 OPSET = 20
@@ -117,7 +118,7 @@ def emit_adq(
     codes = init(graph, layer, "codes", pack_rows(layer.codes, layer.bits))
     levels, s_w = layer.codebook, np.float32(1.0)
     if int_codebooks:
-        scale_w, ints, _ = snapped(layer)
+        scale_w, ints, _ = snapped(layer, INT_CODEBOOKS_QMAX)
         levels, s_w = ints.astype(np.float32), np.float32(scale_w)
     codebook = init(graph, layer, "codebook", levels)
     if layer.act is not None and layer.act.kind == "input":
@@ -173,6 +174,6 @@ def write_adq(
         )
     extra: dict = {"code_packing": "row-aligned, LSB-first bit stream"}
     if int_codebooks:
-        extra.update(int_codebooks="true", snapping=snapping_report(folded))
+        extra.update(int_codebooks="true", snapping=snapping_report(folded, INT_CODEBOOKS_QMAX))
     set_metadata(model, folded, "adq", extra)
     return model

@@ -44,9 +44,19 @@ def snap_codebook(codebook: np.ndarray, qmax: int) -> tuple[float, np.ndarray, f
     return scale, ints, err
 
 
-def snapped(layer: FoldedLayer) -> tuple[float, np.ndarray, float]:
-    """snap_codebook for a layer, with the range its input bits allow."""
-    return snap_codebook(layer.codebook, int_range(layer.act.bits if layer.act else None))
+# adq --int-codebooks: the op library sums u8 x s8 exactly (VNNI) or in float, never in
+# saturating pairs, so every layer gets the whole int8 range (8-bit-input layers too).
+INT_CODEBOOKS_QMAX = 127
+
+
+def layer_qmax(layer: FoldedLayer) -> int:
+    """The int8 format's integer range for a layer: what its input bits allow."""
+    return int_range(layer.act.bits if layer.act else None)
+
+
+def snapped(layer: FoldedLayer, qmax: int | None = None) -> tuple[float, np.ndarray, float]:
+    """snap_codebook for a layer, on s_w * {-qmax..qmax} (default: layer_qmax)."""
+    return snap_codebook(layer.codebook, layer_qmax(layer) if qmax is None else qmax)
 
 
 def emit_int8(graph: onnx.GraphProto, layer: FoldedLayer, x: str, y: str) -> list[onnx.NodeProto]:
@@ -96,15 +106,18 @@ def emit_int8(graph: onnx.GraphProto, layer: FoldedLayer, x: str, y: str) -> lis
     return nodes + affine_nodes(graph, layer, acc, y, out_scale)
 
 
-def snapped_model(checkpoint: Checkpoint, folded: FoldedModel) -> nn.Module:
+def snapped_model(
+    checkpoint: Checkpoint, folded: FoldedModel, qmax: dict[str, int] | None = None
+) -> nn.Module:
     """The PyTorch reference of a snapped export (int8, adq --int-codebooks): a copy of the
-    checkpoint's model whose codebooks are snapped as `snapped` does, with the same codes."""
+    checkpoint's model whose codebooks are snapped as `snapped` does, with the same codes;
+    `qmax`: each layer's range (an export's `adq.snapping`; default: layer_qmax)."""
     model = copy.deepcopy(checkpoint.model).eval()
     layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLayerMixin)}
     with torch.no_grad():
         for name, layer in layers.items():
             f = folded.layers[name]
-            scale, ints, _ = snapped(f)
+            scale, ints, _ = snapped(f, None if qmax is None else qmax[name])
             book = (np.float64(scale) * ints.astype(np.float64)).astype(np.float32)
             weight = torch.from_numpy(book[f.codes])
             layer.weight_quant.codebook.copy_(torch.from_numpy(book))
@@ -115,15 +128,16 @@ def snapped_model(checkpoint: Checkpoint, folded: FoldedModel) -> nn.Module:
     return model
 
 
-def snapping_report(folded: FoldedModel) -> dict[str, dict[str, float]]:
-    """Per layer: weight scale, integer range and max |codebook - snapped| (absolute, relative)."""
+def snapping_report(folded: FoldedModel, qmax: int | None = None) -> dict[str, dict[str, float]]:
+    """Per layer: weight scale, integer range and max |codebook - snapped| (absolute, relative);
+    `qmax` as in `snapped`."""
     report = {}
     for name, layer in folded.layers.items():
-        scale, _, err = snapped(layer)
+        scale, _, err = snapped(layer, qmax)
         top = float(np.abs(layer.codebook).max()) or 1.0
         report[name] = {
             "weight_scale": scale,
-            "qmax": int_range(layer.act.bits if layer.act else None),
+            "qmax": layer_qmax(layer) if qmax is None else qmax,
             "max_abs_error": err,
             "max_rel_error": err / top,
         }

@@ -76,6 +76,14 @@ def model_format(model: onnx.ModelProto) -> str:
     return props.get("adq.format", "onnx")
 
 
+def snapping_ranges(snapping: str, model_path: str | Path) -> dict[str, int]:
+    """Each layer's integer range from an export's `adq.snapping` metadata (JSON)."""
+    try:
+        return {name: int(row["qmax"]) for name, row in json.loads(snapping).items()}
+    except (ValueError, TypeError, KeyError, AttributeError):
+        raise ValueError(f"{model_path}: malformed adq.snapping metadata") from None
+
+
 def logits_and_tie_distance(
     model: torch.nn.Module, x: torch.Tensor
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -155,13 +163,14 @@ def validate(
     fmt = model_format(proto)
     ck = load_checkpoint(checkpoint, allow_import=allow_import)
     torch_model = ck.model.eval()
-    snapped = "adq.snapping" in {p.key for p in proto.metadata_props}
+    snapping = {p.key: p.value for p in proto.metadata_props}.get("adq.snapping")
     original_model = None
-    if snapped:  # compare with the codebooks the export snapped; accuracy also vs the original
+    if snapping:  # compare with the codebooks the export snapped; accuracy also vs the original
         from exporters.fold import fold
         from exporters.write_int8 import snapped_model
 
-        original_model, torch_model = torch_model, snapped_model(ck, fold(ck))
+        qmax = snapping_ranges(snapping, model_path)
+        original_model, torch_model = torch_model, snapped_model(ck, fold(ck), qmax)
     if threads:
         torch.set_num_threads(threads)
     sess = make_session(model_path, fmt, threads)
@@ -240,8 +249,8 @@ def validate(
         file_size_bytes=model_path.stat().st_size,
         session_peak_rss_mb=memory,
         thresholds=asdict(thresholds),
-        reference="snapped" if snapped else "checkpoint",
-        original_top1=100.0 * orig_correct / n if snapped else None,
+        reference="snapped" if snapping else "checkpoint",
+        original_top1=100.0 * orig_correct / n if snapping else None,
     )
     report.failures = check(report, thresholds)
     return report

@@ -15,7 +15,7 @@ from adq_deploy.checkpoint import save_checkpoint
 from adq_deploy.cli import validate_main
 from adq_deploy.quant import QuantConfig, quantize_model
 from exporters.export import export
-from runtime.validate import Report, Thresholds, check, model_format
+from runtime.validate import Report, Thresholds, check, model_format, snapping_ranges
 
 META = {"input_shape": [1, 28, 28], "mean": [0.2860406], "std": [0.3530242]}
 FAST = ["--samples", "128", "--batch-sizes", "1,4", "--latency-runs", "2", "--no-progress"]
@@ -166,3 +166,14 @@ def test_model_format_reads_metadata(exported):
 
     _, _, paths = exported
     assert model_format(onnx.load(str(paths["adq"]))) == "adq"
+
+
+def test_snapping_ranges_read_the_metadata():
+    """Each layer's integer range for the snapped reference comes from the export itself (the
+    int8 format and --int-codebooks snap 8-bit-input layers differently); malformed metadata is
+    a one-line error."""
+    meta = json.dumps({"conv1": {"qmax": 127, "weight_scale": 0.1}, "fc": {"qmax": 64}})
+    assert snapping_ranges(meta, "m.onnx") == {"conv1": 127, "fc": 64}
+    for bad in ("not json", "[1, 2]", json.dumps({"fc": {"scale": 1}}), json.dumps({"fc": 3})):
+        with pytest.raises(ValueError, match="m.onnx: malformed adq.snapping"):
+            snapping_ranges(bad, "m.onnx")

@@ -28,6 +28,7 @@ from exporters.graph import Fusions, fuse_lut_conv, known_shapes
 from exporters.write_adq import write_adq
 from runtime.packing import pack_rows, unpack_rows
 from runtime.schema import DOMAIN, register_onnx_schemas
+from runtime.validate import snapping_ranges
 
 ADQ_OPS = {"ThresholdQuant", "LutConv", "LutConvQuant", "LutGemm", "LutDequant"}
 
@@ -140,11 +141,16 @@ def test_writer_does_not_change_the_folded_model():
 
 @pytest.mark.parametrize("name", MODEL_CASES)
 def test_int_codebooks_equal_the_snapped_pytorch_model(name):
-    """--int-codebooks: integer codebooks (s_w in the scale) == PyTorch with the int8 format's
-    snapped codebooks; same codes as the plain adq export."""
+    """--int-codebooks: integer codebooks (s_w in the scale) == PyTorch with the codebooks
+    snapped onto s_w * {-127..127} (every layer: the op library never saturates; the int8
+    format narrows 8-bit-input layers to 64), as the metadata says; same codes as the plain adq
+    export."""
     ck, folded = loaded(name)
     model = onnx_model(name, "adq", int_codebooks=True)
-    snapped = snapped_model(ck, folded)
+    meta = {p.key: p.value for p in model.metadata_props}
+    qmax = snapping_ranges(meta["adq.snapping"], name)
+    assert set(qmax.values()) == {127} and set(qmax) == set(folded.layers)
+    snapped = snapped_model(ck, folded, qmax)
     x = case_input(name, batch=5, seed=1, model=snapped)
     ratio = assert_logits_match(run_onnx(model, x), torch_logits(snapped, x), rel=1e-5)
     inits, plain = initializers(model), initializers(onnx_model(name, "adq"))
@@ -152,8 +158,7 @@ def test_int_codebooks_equal_the_snapped_pytorch_model(name):
         book = onnx.numpy_helper.to_array(inits[f"{lname}.codebook"])
         assert np.array_equal(book, np.round(book)) and np.abs(book).max() <= 127
         assert inits[f"{lname}.codes"] == plain[f"{lname}.codes"]
-    meta = {p.key: p.value for p in model.metadata_props}
-    assert meta["adq.int_codebooks"] == "true" and "adq.snapping" in meta
+    assert meta["adq.int_codebooks"] == "true"
     print(f"{name}: int codebooks vs snapped PyTorch, mean abs error / mean |logit| = {ratio:.2e}")
 
 
