@@ -912,11 +912,7 @@ __attribute__((target("avx512f"))) void CopyCells(const uint8_t* src, int64_t n,
 
 Kind Choose(Isa isa, const Lut& lut, int64_t group, int64_t C, int64_t taps) {
   if (isa == Isa::kScalar || group != 1) return Kind::kNone;
-  bool integral = isa == Isa::kAvx512 && HasVnni();
-  for (int i = 0; i < lut.K && integral; ++i) {
-    const float v = lut.codebook[i];
-    integral = v >= -128.0f && v <= 127.0f && v == static_cast<float>(static_cast<int>(v));
-  }
+  const bool integral = isa == Isa::kAvx512 && HasVnni() && Int8Levels(lut);
   // |sum| <= 255 * 128 * 4 * quads * taps must stay below 2^31 for exact int32 sums.
   const int64_t quads = (C + 3) / 4;
   if (integral && quads * taps <= (int64_t{1} << 31) / (255 * 128 * 4) - 1) return Kind::kInt8;
@@ -935,8 +931,7 @@ void Pack(const Lut& lut, Kind kind, int64_t C, int64_t taps, Packed* p) {
   }
   std::vector<uint8_t> codes(static_cast<size_t>(R));
   for (int64_t m = 0; m < M; ++m) {
-    UnpackCodes(lut.codes + m * lut.row_bytes, lut.row_bytes, lut.bits, 0, R, codes.data());
-    CheckCodes(lut, m, 0, codes.data(), R);
+    UnpackRowChecked(lut, m, codes.data());
     const int64_t block = m / kLanes, lane = m % kLanes;
     const int64_t panel = block / 2, nb = std::min<int64_t>(2, blocks - 2 * panel);
     if (kind == Kind::kFloat) {

@@ -382,8 +382,7 @@ IntWeights PackIntWeights(const Lut& lut, int64_t C, int64_t kH, int64_t kW, int
   p.corr.assign(static_cast<size_t>(M), 0);
   std::vector<uint8_t> codes(static_cast<size_t>(R));
   for (int64_t m = 0; m < M; ++m) {
-    UnpackCodes(lut.codes + m * lut.row_bytes, lut.row_bytes, lut.bits, 0, R, codes.data());
-    CheckCodes(lut, m, 0, codes.data(), R);
+    UnpackRowChecked(lut, m, codes.data());
     const int64_t b0 = m / block * block, bw = std::min<int64_t>(block, M - b0), mm = m - b0;
     int8_t* dst = p.w.data() + b0 * 4 * p.K4;
     int64_t sum = 0;
@@ -758,12 +757,8 @@ struct LutConvPoolQuant {
   // sums (|sum| <= 255 * 128 * 4 * K4 twice over, the correction included) and int32 offsets
   // in the wider byte band.
   bool IntPath(const Lut& lut, const Geom& g, int64_t ld) const {
-    if (isa_ != Isa::kAvx512 || !HasVnni() || g.M % kLanes != 0) return false;
-    for (int i = 0; i < lut.K; ++i) {
-      const float v = lut.codebook[i];
-      if (!(v >= -128.0f && v <= 127.0f && v == static_cast<float>(static_cast<int>(v)))) {
-        return false;
-      }
+    if (isa_ != Isa::kAvx512 || !HasVnni() || g.M % kLanes != 0 || !Int8Levels(lut)) {
+      return false;
     }
     const int64_t K4 = g.C * g.kH * ((g.kW + 3) / 4);
     if (K4 > (int64_t{1} << 31) / (255 * 128 * 4 * 2) - 1) return false;
@@ -787,10 +782,7 @@ struct LutConvPoolQuant {
     if (NumElements(yshape) == 0) {
       // Nothing to compute, but the codes are still checked (a code >= K is an error).
       std::vector<uint8_t> row(static_cast<size_t>(R));
-      for (int64_t m = 0; m < M; ++m) {
-        UnpackCodes(lut.codes + m * lut.row_bytes, lut.row_bytes, lut.bits, 0, R, row.data());
-        CheckCodes(lut, m, 0, row.data(), R);
-      }
+      for (int64_t m = 0; m < M; ++m) UnpackRowChecked(lut, m, row.data());
       return;
     }
     ChannelAffine ca;

@@ -48,6 +48,24 @@ inline void UnpackCodes(const uint8_t* row, int64_t row_bytes, int bits, int64_t
 // invalid one.
 void CheckCodes(const Lut& lut, int64_t m, int64_t j0, const uint8_t* codes, int64_t n);
 
+// Unpacks all R codes of row m into out[0, R), checked < K (CheckCodes).
+inline void UnpackRowChecked(const Lut& lut, int64_t m, uint8_t* out) {
+  UnpackCodes(lut.codes + m * lut.row_bytes, lut.row_bytes, lut.bits, 0, lut.R, out);
+  CheckCodes(lut, m, 0, out, lut.R);
+}
+
+// Whether every codebook level is an integer in -128..127: weights the int8 (VNNI) kernels can
+// hold as int8.
+inline bool Int8Levels(const Lut& lut) {
+  for (int i = 0; i < lut.K; ++i) {
+    const float v = lut.codebook[i];
+    if (!(v >= -128.0f && v <= 127.0f && v == static_cast<float>(static_cast<int>(v)))) {
+      return false;
+    }
+  }
+  return true;
+}
+
 // Decodes row m of a Lut, out[j] = Codebook[code j] for j < R, checking every code is < K
 // (throws Ort::Exception via Fail otherwise). Vector table lookups for K <= 16 (AVX2) or
 // K <= 32 (AVX-512).

@@ -68,19 +68,22 @@ void CountSorted(const float* x, int64_t n, float s, const float* t, int T, uint
   }
 }
 
-// The count where the linear estimate is exact (Levels::lin_exact, evenly spaced thresholds):
-// clamp(floor(fma(double(v), lin_a, lin_b)), 0, T), NaN -> 0, as CountMany16 computes it.
-inline int EstimateExact(float v, const Levels& lv) {
+// The linear estimate of the count in double, clamp(floor(fma(double(v), a, b)), 0, T), NaN ->
+// 0: what PrepareManyLevels checks against the thresholds, and what CountMany16 (levels.h) and
+// the counts below compute where it is exact (Levels::lin_exact).
+inline int LinearEstimate(float v, double a, double b, int T) {
   if (v != v) return 0;
-  const double e = std::fma(static_cast<double>(v), lv.lin_a, lv.lin_b);
-  return static_cast<int>(std::min(std::max(e, 0.0), static_cast<double>(lv.T)));
+  const double e = std::fma(static_cast<double>(v), a, b);
+  return static_cast<int>(std::min(std::max(e, 0.0), static_cast<double>(T)));  // e >= 0: floor
 }
 
 void CountEstimatedScalar(const float* x, int64_t n, const Levels& lv, uint8_t* q) {
-  for (int64_t i = 0; i < n; ++i) q[i] = static_cast<uint8_t>(EstimateExact(lv.scale * x[i], lv));
+  for (int64_t i = 0; i < n; ++i) {
+    q[i] = static_cast<uint8_t>(LinearEstimate(lv.scale * x[i], lv.lin_a, lv.lin_b, lv.T));
+  }
 }
 
-// EstimateExact of 4 values (AVX2 + FMA); max_pd returns its second operand (0) for a NaN
+// LinearEstimate of 4 values (AVX2 + FMA); max_pd returns its second operand (0) for a NaN
 // estimate: NaN counts 0.
 __attribute__((target("avx2,fma"), always_inline)) inline __m128i EstimateExact4(
     __m128 v, __m256d a, __m256d b, __m256d top) {
@@ -157,11 +160,7 @@ void PrepareManyLevels(Levels* lv) {
     // infinities included, the thresholds being finite here) when at every threshold t
     // f(t) >= #{t_k <= t} and f(the float below t) <= #{t_k < t}.
     if (std::isfinite(a) && std::isfinite(b) && a > 0.0 && std::isfinite(lv->t[T - 1])) {
-      auto f = [&](float v) {
-        double e = std::fma(static_cast<double>(v), a, b);
-        e = std::min(std::max(e, 0.0), static_cast<double>(T));
-        return static_cast<int>(e);  // truncation: floor of e >= 0
-      };
+      auto f = [&](float v) { return LinearEstimate(v, a, b, T); };
       bool exact = true;
       for (int k = 0, lt = 0; k < T && exact; ++k) {
         if (k > 0 && lv->t[k] != lv->t[k - 1]) lt = k;  // #{t_j < t[k]}
